@@ -1,0 +1,187 @@
+"""`ddlm` command line: one table of subcommands, each a plain function.
+
+Dotted options (`--model.dim=256`, `--train.steps 500`, `--mdlm.schedule=cosine`) override any
+config field; `--config recipe.yaml` loads a recipe first. `--json` prints one JSON object on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ddlm.errors import DdlmError
+
+OVERRIDE_HELP = ("Any config field can be set as --section.field=value, e.g. --model.dim=256 "
+                 "--train.steps=500 --data.seq_len=128 --mdlm.schedule=cosine.")
+
+
+def _emit(payload: dict, as_json: bool, text: str) -> None:
+    print(json.dumps(payload) if as_json else text)
+
+
+# -- train ----------------------------------------------------------------------------------
+def cmd_train(args, extra: list[str]) -> int:
+    from ddlm.config import make_config, parse_overrides
+    from ddlm.train.loop import train
+
+    overrides = parse_overrides(extra)
+    for flag, key in ((args.method, "method"), (args.data, "data.corpus"),
+                      (args.tokenizer, "data.tokenizer"), (args.steps, "train.steps")):
+        if flag is not None:
+            overrides[key] = str(flag)
+    if args.json:
+        overrides.setdefault("train.progress", "false")
+    run = make_config(recipe=args.config, overrides=overrides)
+    result = train(run, args.out, overwrite=args.overwrite, quiet=args.json)
+    payload = {"out": str(result.out_dir), "checkpoint": str(result.checkpoint), "step": result.step,
+               "interrupted": result.interrupted, "dtype": result.dtype,
+               "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
+               "valid": result.valid}
+    bpc = result.valid["val_bpc"] if result.valid else float("nan")
+    state = "interrupted at" if result.interrupted else "finished"
+    _emit(payload, args.json, f"{state} step {result.step}: valid BPC {bpc:.4f} "
+                              f"({result.tokens_per_second:,.0f} tok/s, {result.dtype}); "
+                              f"checkpoint {result.checkpoint}")
+    return 0
+
+
+# -- eval -----------------------------------------------------------------------------------
+def cmd_eval(args, extra: list[str]) -> int:
+    from ddlm.eval.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, overrides=extra,
+                                 progress=not args.json)
+    text = (f"{result['method']} on {result['corpus']} [{result['split']}]: "
+            f"BPC {result['bpc']:.4f} ± {result['bpc_stderr']:.4f}  PPL {result['ppl']:.3f}  "
+            f"tokens {result['tokens']:,}  ({result['protocol']})")
+    _emit(result, args.json, text)
+    return 0
+
+
+# -- sample ---------------------------------------------------------------------------------
+def cmd_sample(args, extra: list[str]) -> int:
+    from ddlm.sampling.run import sample_checkpoint
+
+    overrides = {"num": args.num, "length": args.length, "seed": args.seed, "steps": args.steps,
+                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                 "sampler": args.sampler, "cache": None if not args.no_cache else False}
+    result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra)
+    if args.out:
+        with open(args.out, "w") as f:
+            for i, text in enumerate(result["texts"]):
+                f.write(json.dumps({"index": i, "text": text, "tokens": result["tokens"][i]}) + "\n")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "tokens"}))
+    else:
+        for i, text in enumerate(result["texts"]):
+            print(f"--- sample {i} ---\n{text}")
+        print(f"[{result['method']}, {result['sampler']}: {result['nfe']} NFE, "
+              f"{result['seconds']:.2f} s for {len(result['texts'])} samples]")
+    return 0
+
+
+# -- info -----------------------------------------------------------------------------------
+def cmd_info(args, extra: list[str]) -> int:
+    from ddlm.eval.run import checkpoint_info
+
+    info = checkpoint_info(args.checkpoint)
+    lines = [f"{k}: {v}" for k, v in info.items() if k != "config"]
+    _emit(info, args.json, "\n".join(lines))
+    return 0
+
+
+# -- quickstart -----------------------------------------------------------------------------
+def cmd_quickstart(args, extra: list[str]) -> int:
+    from ddlm.quickstart import quickstart
+
+    report = quickstart(out=args.out, steps=args.steps, methods=args.methods.split(","),
+                        overrides=extra, quiet=args.json)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddlm", description="Discrete diffusion language models beside "
+                                "an autoregressive baseline: train, evaluate, sample, compare.",
+                                epilog=OVERRIDE_HELP)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, func, help_text in COMMANDS:
+        s = sub.add_parser(name, help=help_text, description=help_text, epilog=OVERRIDE_HELP)
+        s.set_defaults(func=func)
+        s.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        ARGUMENTS[name](s)
+    return p
+
+
+def _train_args(s):
+    s.add_argument("--method", help="ar | mdlm")
+    s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt (default austen)")
+    s.add_argument("--tokenizer", help="char | byte | bpe | cl100k (default char)")
+    s.add_argument("--out", required=True, help="run directory (resumed if it holds this run)")
+    s.add_argument("--steps", type=int, help="optimizer steps (same as --train.steps)")
+    s.add_argument("--config", help="YAML recipe applied before the command-line options")
+    s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+
+
+def _eval_args(s):
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--data", help="evaluate on another corpus (default: the run's)")
+    s.add_argument("--split", default=None, help="train | valid | test (default valid)")
+
+
+def _sample_args(s):
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--num", type=int, default=None, help="number of samples (default 4)")
+    s.add_argument("--length", type=int, default=None, help="new tokens per sample (default: context)")
+    s.add_argument("--prompt", default=None, help="text the samples continue")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (diffusion methods)")
+    s.add_argument("--temperature", type=float, default=None)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--sampler", default=None, help="sampler name (default: the method's)")
+    s.add_argument("--no-cache", action="store_true", help="disable the KV / no-change cache")
+    s.add_argument("--out", default=None, help="write samples to FILE.jsonl")
+
+
+def _info_args(s):
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+
+
+def _quickstart_args(s):
+    s.add_argument("--out", default="runs/quickstart", help="where the runs are written")
+    s.add_argument("--steps", type=int, default=None, help="training steps per method")
+    s.add_argument("--methods", default="ar,mdlm", help="comma-separated methods to train")
+
+
+COMMANDS = [
+    ("train", cmd_train, "train a model (resumes when --out holds the same run)"),
+    ("eval", cmd_eval, "likelihood of a checkpoint: BPC, PPL, tokens (a bound for diffusion methods)"),
+    ("sample", cmd_sample, "draw samples from a checkpoint"),
+    ("info", cmd_info, "describe a checkpoint"),
+    ("quickstart", cmd_quickstart, "train small AR and MDLM models on Austen, show samples and BPC"),
+]
+ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "info": _info_args,
+             "quickstart": _quickstart_args}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args, extra)
+    except DdlmError as err:
+        print(f"ddlm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

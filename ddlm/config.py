@@ -1,0 +1,384 @@
+"""Typed configuration: dataclasses with a docstring per field, validated on construction.
+
+A run is described by one `RunConfig`; it round-trips through JSON (config.json in a checkpoint),
+loads from YAML recipes, and takes `--section.field=value` overrides from the command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ddlm.errors import ConfigError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    """The transformer backbone shared by every method."""
+
+    dim: int = 256
+    """Residual stream width D."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention heads H (dim must be divisible by n_heads)."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP as a multiple of dim."""
+    dropout: float = 0.0
+    """Dropout on attention and residual branches."""
+    rope_base: float = 10000.0
+    """Base of the rotary position frequencies."""
+    cond_dim: int = 128
+    """Width of the noise-level embedding (used only by time-conditioned methods)."""
+    vocab_size: int = 0
+    """Set from the tokenizer; 0 until then."""
+    max_len: int = 0
+    """Context length; set from data.seq_len."""
+    time_conditioning: bool = False
+    """Set by the method: whether blocks are modulated by a noise level (adaLN)."""
+
+    def __post_init__(self) -> None:
+        _check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,
+               f"model sizes must be positive (dim={self.dim}, n_layers={self.n_layers}, "
+               f"n_heads={self.n_heads})")
+        _check(self.dim % self.n_heads == 0,
+               f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
+        _check((self.dim // self.n_heads) % 2 == 0,
+               f"head size dim/n_heads={self.dim // self.n_heads} must be even for rotary positions")
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from and how they are cut into sequences."""
+
+    corpus: str = "austen"
+    """austen | text8:PATH | hf:PATH | PATH.txt"""
+    tokenizer: str = "char"
+    """char (text8 preprocessing) | byte | bpe | cl100k"""
+    seq_len: int = 256
+    """Sequence length L (the model's context)."""
+    packing: str = "wrap"
+    """wrap: contiguous blocks of L tokens; pad: one padded sentence per row with BOS/EOS."""
+    bpe_vocab_size: int = 2048
+    """Vocabulary size when training a BPE tokenizer on the corpus."""
+    text8_download: bool = False
+    """Download text8 when the given path does not exist."""
+
+    def __post_init__(self) -> None:
+        _check(self.seq_len >= 2, f"data.seq_len={self.seq_len} must be at least 2")
+        _check(self.packing in ("wrap", "pad"),
+               f"data.packing={self.packing!r} must be 'wrap' or 'pad'")
+        _check(self.bpe_vocab_size >= 300, f"data.bpe_vocab_size={self.bpe_vocab_size} must be >= 300")
+
+
+@dataclass
+class TrainConfig:
+    """The method-agnostic optimisation loop."""
+
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to norms, biases and embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    ema: float = 0.999
+    """EMA decay of the weights used for evaluation and sampling (0 disables)."""
+    dtype: str = "auto"
+    """auto (measured once and cached) | fp32 | bf16"""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+    seed: int = 0
+    """Seed for initialisation, data order and noise."""
+    eval_every: int = 250
+    """Validate every N steps (0: only at the end)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    ckpt_every: int = 500
+    """Checkpoint every N steps (a final one is always written)."""
+    keep_ckpts: int = 2
+    """Checkpoints kept on disk."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    threads: int = 0
+    """torch intra-op threads (0: all cores)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
+        _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
+        _check(self.lr > 0, f"train.lr={self.lr} must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(0 <= self.ema < 1, f"train.ema={self.ema} must be in [0, 1)")
+        _check(self.dtype in ("auto", "fp32", "bf16"),
+               f"train.dtype={self.dtype!r} must be auto, fp32 or bf16")
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
+        _check(self.keep_ckpts >= 1, f"train.keep_ckpts={self.keep_ckpts} must be >= 1")
+        _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
+        _check(self.eval_every >= 0 and self.ckpt_every >= 0 and self.eval_batches >= 1,
+               "train.eval_every, train.ckpt_every must be >= 0 and train.eval_batches >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Likelihood evaluation protocol."""
+
+    split: str = "valid"
+    """train | valid | test"""
+    batch_size: int = 16
+    """Sequences per evaluation batch."""
+    t_samples: int = 1
+    """Monte-Carlo time samples per sequence for diffusion bounds."""
+    max_batches: int = 0
+    """Evaluate at most this many batches (0: the whole split)."""
+    seed: int = 0
+    """Seed of the Monte-Carlo noise."""
+
+    def __post_init__(self) -> None:
+        _check(self.split in ("train", "valid", "validation", "test"),
+               f"eval.split={self.split!r} must be train, valid or test")
+        _check(self.batch_size >= 1 and self.t_samples >= 1 and self.max_batches >= 0,
+               "eval.batch_size and eval.t_samples must be >= 1, eval.max_batches >= 0")
+
+
+@dataclass
+class SampleConfig:
+    """Generation options shared by every sampler."""
+
+    num: int = 4
+    """Number of samples."""
+    length: int = 0
+    """Tokens to generate per sample (0: the model's context length)."""
+    steps: int = 256
+    """Denoising steps for diffusion samplers."""
+    temperature: float = 1.0
+    """Softmax temperature."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    sampler: str = ""
+    """Sampler name ('' : the method's default)."""
+    cache: bool = True
+    """Use the method's cache (AR: KV cache; MDLM: no-change cache)."""
+    seed: int = 0
+    """Seed of the sampling noise."""
+    batch_size: int = 16
+    """Samples drawn in parallel."""
+
+    def __post_init__(self) -> None:
+        _check(self.num >= 1, f"sample.num={self.num} must be >= 1")
+        _check(self.length >= 0, f"sample.length={self.length} must be >= 0")
+        _check(self.steps >= 1, f"sample.steps={self.steps} must be >= 1")
+        _check(self.temperature > 0, f"sample.temperature={self.temperature} must be positive")
+        _check(self.top_k >= 0, f"sample.top_k={self.top_k} must be >= 0")
+        _check(0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1]")
+        _check(self.batch_size >= 1, f"sample.batch_size={self.batch_size} must be >= 1")
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+                             "eval": EvalConfig, "sample": SampleConfig}
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a run: method, its options, and the shared sections."""
+
+    method: str = "ar"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    method_options: Any = None
+    """The method's own config dataclass (`--<method>.<field>=value`)."""
+
+    def __post_init__(self) -> None:
+        from ddlm.methods.base import method_class
+
+        cls = method_class(self.method).config_class
+        if self.method_options is None:
+            self.method_options = cls()
+        elif isinstance(self.method_options, dict):
+            self.method_options = _build(cls, self.method_options, self.method)
+        self.method_options.validate()
+
+    def to_dict(self) -> dict:
+        out: dict[str, Any] = {"method": self.method}
+        for name in SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        out[self.method] = dataclasses.asdict(self.method_options)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        method = d.pop("method", "ar")
+        if not isinstance(method, str):
+            raise ConfigError(f"method must be a name, got {method!r}")
+        sections = {name: _build(kind, d.pop(name, {}) or {}, name) for name, kind in SECTIONS.items()}
+        options = d.pop(method, {}) or {}
+        from ddlm.methods.base import method_names
+
+        stray = [k for k in d if k not in method_names()]
+        if stray:
+            raise ConfigError(f"unknown config section {stray[0]!r}; expected one of: "
+                              f"method, {', '.join(SECTIONS)}, {method}")
+        return cls(method=method, method_options=options, **sections)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _build(cls: type, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(_unknown_key(f"{section}.{key}", [f"{section}.{n}" for n in names]))
+        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def _unknown_key(key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return f"unknown option {key}{hint}"
+
+
+def coerce(value: Any, kind: Any, name: str) -> Any:
+    """Convert a string (CLI) or JSON/YAML scalar to the field's declared type."""
+    if kind is Any:
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}={value!r} is not a boolean (use true or false)")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}={value!r} must be a number")
+        try:
+            number = float(value) if kind is float else _as_int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}={value!r} is not a{'n integer' if kind is int else ' number'}") from None
+        return number
+    if kind is str:
+        return str(value)
+    return value
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+
+
+def apply_overrides(base: dict, overrides: dict[str, str]) -> dict:
+    """Return a copy of a RunConfig dict with `section.field` overrides applied (values still raw)."""
+    out = json.loads(json.dumps(base))
+    for key, value in overrides.items():
+        if key == "method":
+            out["method"] = value
+            continue
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"option --{key} must look like --section.field=value")
+        out.setdefault(section, {})
+        if not isinstance(out[section], dict):
+            raise ConfigError(f"config section {section!r} is not a mapping")
+        out[section][name] = value
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """Parse `--a.b=value` and `--a.b value` pairs into {'a.b': 'value'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --section.field=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise ConfigError(f"option --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Read a YAML or JSON recipe into a RunConfig dict."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r} must hold a mapping of sections")
+    return data
+
+
+def make_config(*, recipe: str | None = None, overrides: dict[str, str] | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Defaults <- base dict (e.g. a checkpoint's) <- recipe <- CLI overrides, validated."""
+    d = base if base is not None else {}
+    if recipe:
+        d = _merge(d, load_recipe(recipe))
+    d = apply_overrides(d, overrides or {})
+    return RunConfig.from_dict(d)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = json.loads(json.dumps(a))
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out

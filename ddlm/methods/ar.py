@@ -1,0 +1,52 @@
+"""Autoregressive baseline: next-token NLL under a causal mask.
+
+Every one of the L tokens of a block is scored: the input is [BOS, x_1 .. x_{L-1}] and the
+target x_1 .. x_L, so AR and diffusion methods count the same tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, register
+
+
+@dataclass
+class ARConfig(MethodConfig):
+    """The AR method has no options of its own."""
+
+
+@register
+class AR(Method):
+    name = "ar"
+    config_class = ARConfig
+    attention = "causal"
+
+    def shifted_input(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) -> (B, L): BOS followed by all tokens but the last."""
+        bos = torch.full_like(x0[:, :1], self.bos_id)
+        return torch.cat([bos, x0[:, :-1]], dim=1)
+
+    def token_nll(self, model, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) float32: -log p(x_i | x_<i) in nats."""
+        logits = model(self.shifted_input(x0), mask="causal")  # (B, L, V)
+        return F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+
+    def loss(self, model, x0, *, t=None, loss_mask=None) -> LossOutput:
+        nll = self.token_nll(model, x0)
+        weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
+        nll = nll * weights
+        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
+
+    @torch.no_grad()
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+        out = self.loss(model, x0, loss_mask=loss_mask)
+        return NLLBound(nll=out.token_nll.double().sum(1), tokens=out.weights.double().sum(1), exact=True)
+
+    def sampler(self, cfg):
+        from ddlm.sampling.ar import ARSampler
+
+        return ARSampler(bos_id=self.bos_id, temperature=cfg.temperature, top_k=cfg.top_k,
+                         top_p=cfg.top_p, use_cache=cfg.cache, banned=(self.mask_id, self.pad_id))

@@ -1,0 +1,106 @@
+"""The Method protocol: one file of math per method, registered by name.
+
+A method owns the corruption process, the parameterisation of the backbone's logits, the loss
+weighting, the likelihood bound and its default sampler. Shared code (trainer, evaluator, CLI) only
+ever talks to this interface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ddlm.errors import ConfigError
+
+
+@dataclass
+class LossOutput:
+    """loss: scalar to back-propagate (mean over counted tokens).
+    token_nll: (B, L) per-token loss contribution in nats (float32), zero where not counted.
+    weights: (B, L) float mask of the tokens that count (1 = counted)."""
+
+    loss: torch.Tensor
+    token_nll: torch.Tensor
+    weights: torch.Tensor
+
+
+@dataclass
+class NLLBound:
+    """Per-sequence upper bound on -log p(x) in nats (float64) and the tokens it covers.
+
+    nll: (B,) float64 — the bound summed over the sequence's counted tokens.
+    tokens: (B,) float64 — the number of counted tokens per sequence.
+    exact: True when the number is the exact NLL (AR), False for a variational bound.
+    """
+
+    nll: torch.Tensor
+    tokens: torch.Tensor
+    exact: bool = False
+
+
+@dataclass
+class MethodConfig:
+    """Base class of every method's options (`--<method>.<field>=value`)."""
+
+    def validate(self) -> None:
+        """Raise ConfigError on values out of range; subclasses extend."""
+
+
+class Method:
+    """Base class. Subclasses set `name`, `config_class`, `attention`, `time_conditioned`."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    attention: ClassVar[str] = "bidirectional"  # mask kind the backbone uses for training
+
+    def __init__(self, cfg: MethodConfig, *, vocab_size: int, mask_id: int, bos_id: int,
+                 pad_id: int) -> None:
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.mask_id = mask_id
+        self.bos_id = bos_id
+        self.pad_id = pad_id
+
+    @property
+    def time_conditioned(self) -> bool:
+        """Whether the backbone receives a noise level `sigma` (adaLN)."""
+        return False
+
+    def loss(self, model: Callable, x0: torch.Tensor, *, t: torch.Tensor | None = None,
+             loss_mask: torch.Tensor | None = None) -> LossOutput:
+        raise NotImplementedError
+
+    def nll_bound(self, model: Callable, x0: torch.Tensor, *, n_samples: int = 1,
+                  loss_mask: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> NLLBound:
+        raise NotImplementedError
+
+    def sampler(self, cfg: Any):
+        """The method's default sampler for a SampleConfig."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its `name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    """Look a method up by name; an unknown name is a one-line ConfigError."""
+    import ddlm.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ConfigError(f"unknown method {name!r}; choose one of: {known}")
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    import ddlm.methods  # noqa: F401
+
+    return sorted(_REGISTRY)

@@ -1,0 +1,1 @@
+"""Placeholder: MDLM is being written (issue 4)."""

@@ -1,0 +1,74 @@
+"""Attention masks and the key/value cache.
+
+A mask is either a kind ("causal", "bidirectional") or a boolean tensor (Lq, Lk) or (B, 1, Lq, Lk)
+with True where a query may attend to a key. Builders for block-causal masks live here so every
+method shares one definition.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MaskSpec = str | torch.Tensor | None
+
+
+def causal_mask(q_len: int, k_len: int | None = None, *, device=None) -> torch.Tensor:
+    """(Lq, Lk) bool: query i (the last Lq of Lk positions) sees keys j <= offset + i."""
+    k_len = q_len if k_len is None else k_len
+    offset = k_len - q_len
+    q = torch.arange(q_len, device=device)[:, None] + offset
+    return torch.arange(k_len, device=device)[None, :] <= q
+
+
+def block_causal_mask(length: int, block: int, *, device=None) -> torch.Tensor:
+    """(L, L) bool: query i sees key j when block(j) <= block(i) (bidirectional within a block)."""
+    blk = torch.arange(length, device=device) // block
+    return blk[None, :] <= blk[:, None]
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer for incremental decoding.
+
+    `length` counts the positions stored. A forward pass with `cache_write=True` appends its keys
+    and values; with `cache_write=False` its queries read the cache without storing anything.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int, *,
+                 dtype=torch.float32, device=None) -> None:
+        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: bool):
+        """Return keys/values (B, H, P + Lq, hd) of the cache's P positions followed by the new ones."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} positions > capacity {self.max_len}")
+        if write:
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return (torch.cat([self.k[layer, :, :, :start], k], dim=2),
+                torch.cat([self.v[layer, :, :, :start], v], dim=2))
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec,
+           dropout: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention; q (B, H, Lq, hd), k/v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    if mask is None or (isinstance(mask, str) and mask == "bidirectional"):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask kind {mask!r}")
+        if q_len == k_len:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if q_len == 1:  # a single new query sees every stored key
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        mask = causal_mask(q_len, k_len, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)

@@ -1,0 +1,43 @@
+"""What every sampler returns, and the categorical draws they share."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    """tokens: (B, L) int64; nfe: network evaluations used; seconds: wall time of the draw."""
+
+    tokens: torch.Tensor
+    nfe: int
+    seconds: float
+
+
+def gumbel_argmax(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw from Cat(softmax(logp)) over the last axis with Gumbel noise in float64.
+
+    float32 Gumbel noise truncates the tail (METHODS.md §6.1) and flatters generative perplexity.
+    """
+    logp = logp.double()
+    u = torch.rand(logp.shape, dtype=torch.float64, generator=generator, device=logp.device)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logp + gumbel).argmax(dim=-1)
+
+
+def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering; returns log-probs (float64)."""
+    logits = logits.double() / max(temperature, 1e-8)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
+        cum = sorted_logp.exp().cumsum(dim=-1)
+        drop_sorted = (cum - sorted_logp.exp()) >= top_p  # keep the smallest set with mass >= p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
+    return logp

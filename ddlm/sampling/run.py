@@ -1,0 +1,55 @@
+"""`ddlm sample`: draw from a checkpoint with its method's sampler."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ddlm.build import load_for_inference
+from ddlm.config import SampleConfig, _build, parse_overrides
+from ddlm.errors import ConfigError, DataError
+
+
+def sample_config(base: SampleConfig, options: dict, extra: list[str]) -> SampleConfig:
+    values = dataclasses.asdict(base)
+    values.update({k: v for k, v in options.items() if v is not None})
+    for key, value in parse_overrides(extra).items():
+        section, _, name = key.partition(".")
+        if section != "sample":
+            raise ConfigError(f"option --{key} does not apply to sample; use --sample.<field>")
+        values[name] = value
+    return _build(SampleConfig, values, "sample")
+
+
+def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
+    tokenizer.check_text(prompt)
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise DataError(f"prompt {prompt!r} encodes to no tokens")
+    if len(ids) >= context:
+        raise DataError(f"prompt is {len(ids)} tokens, longer than the model's context of "
+                        f"{context} tokens (leave room to generate)")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None = None,
+                      extra: list[str] | None = None) -> dict:
+    loaded = load_for_inference(path)
+    cfg = sample_config(loaded.run.sample, options or {}, extra or [])
+    context = loaded.run.model.max_len
+    prompt_ids = encode_prompt(loaded.tokenizer, prompt, context) if prompt else None
+    length = cfg.length or context - (0 if prompt_ids is None else len(prompt_ids))
+    sampler = loaded.method.sampler(cfg)
+    device = next(loaded.model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    tokens, nfe, seconds = [], 0, 0.0
+    for start in range(0, cfg.num, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.num - start)
+        gen = sampler.generate(loaded.model, n, length, prompt=prompt_ids, generator=generator)
+        tokens.extend(gen.tokens.tolist())
+        nfe += gen.nfe
+        seconds += gen.seconds
+    texts = [loaded.tokenizer.decode(t) for t in tokens]
+    return {"method": loaded.run.method, "sampler": type(sampler).__name__, "texts": texts,
+            "tokens": tokens, "nfe": nfe, "seconds": seconds, "length": length, "steps": cfg.steps,
+            "checkpoint": str(loaded.path)}
