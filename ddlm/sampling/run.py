@@ -23,6 +23,11 @@ def sample_config(base: SampleConfig, options: dict, extra: list[str]) -> Sample
 
 def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
     tokenizer.check_text(prompt)
+    if tokenizer.name == "char":  # text8 maps ASCII punctuation/digits to space; other scripts are lost
+        foreign = sorted({c for c in prompt if ord(c) > 127})
+        if foreign:
+            raise DataError(f"prompt has characters outside the char vocabulary (a-z, space): "
+                            f"{''.join(foreign)!r}")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise DataError(f"prompt {prompt!r} encodes to no tokens")
