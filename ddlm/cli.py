@@ -95,7 +95,8 @@ def cmd_info(args, extra: list[str]) -> int:
 def cmd_quickstart(args, extra: list[str]) -> int:
     from ddlm.quickstart import quickstart
 
-    report = quickstart(out=args.out, steps=args.steps, methods=args.methods.split(","),
+    methods = args.methods.split(",") if args.methods else None
+    report = quickstart(out=args.out, steps=args.steps, methods=methods,
                         overrides=extra, quiet=args.json)
     if args.json:
         print(json.dumps(report))
@@ -153,7 +154,7 @@ def _info_args(s):
 def _quickstart_args(s):
     s.add_argument("--out", default="runs/quickstart", help="where the runs are written")
     s.add_argument("--steps", type=int, default=None, help="training steps per method")
-    s.add_argument("--methods", default="ar,mdlm", help="comma-separated methods to train")
+    s.add_argument("--methods", default=None, help="comma-separated methods to train (default ar,mdlm)")
 
 
 COMMANDS = [

@@ -21,13 +21,15 @@ QUICKSTART = {
 
 
 def quickstart(*, out: str = "runs/quickstart", steps: int | None = None,
-               methods: list[str] = ("ar", "mdlm"), overrides: list[str] | None = None,
+               methods: list[str] | None = None, overrides: list[str] | None = None,
                quiet: bool = False) -> dict:
     extra = parse_overrides(overrides or [])
     if steps:
         extra["train.steps"] = str(steps)
+    from ddlm.methods.base import method_names
+
     report = {}
-    for method in methods:
+    for method in methods or [m for m in ("ar", "mdlm") if m in method_names()]:
         run = make_config(base={**QUICKSTART, "method": method}, overrides=extra)
         if not quiet:
             print(f"== {method}: d={run.model.dim} layers={run.model.n_layers} L={run.data.seq_len} "
