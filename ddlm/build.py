@@ -69,7 +69,11 @@ def load_for_inference(path: str | Path, device: torch.device | None = None) -> 
                               f"tokenizer has {tokenizer.vocab_size}")
     method = build_method(run, tokenizer)
     model = build_model(run)
-    missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        raise CheckpointError(f"checkpoint '{ckpt.path}' weights do not fit its config "
+                              f"({str(err).splitlines()[-1].strip()[:120]})") from None
     if missing or unexpected:
         name = (missing or unexpected)[0]
         raise CheckpointError(f"checkpoint '{ckpt.path}' does not match its config "

@@ -118,3 +118,33 @@ def test_ar_reaches_markov_entropy_rate(tmp_path):
     assert bpc >= true_bits - 2e-3, (bpc, true_bits, h)
     assert bpc <= h + 0.05, (bpc, h)
     assert abs(true_bits - h) < 0.05
+
+
+def test_rerunning_a_finished_run_is_a_no_op(tmp_path):
+    run = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "2"})
+    first = train(run, tmp_path, quiet=True)
+    again = train(run, tmp_path, quiet=True)
+    assert again.step == 2 and again.checkpoint == first.checkpoint and not again.interrupted
+
+
+def test_sigterm_checkpoints_then_stops(tmp_path):
+    import os
+    import signal
+
+    import ddlm.train.loop as loop
+
+    run = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "50"})
+    trainer = loop.Trainer(run, tmp_path, quiet=True)
+    real_step = trainer._train_step
+
+    def step_then_signal():
+        out = real_step()
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer._train_step = step_then_signal
+    result = trainer.fit()
+    assert result.interrupted and result.step == 5
+    assert load_for_inference(tmp_path).step == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

@@ -150,6 +150,7 @@ class Trainer:
                    desc=f"train {self.run.method}", dynamic_ncols=True)
         start = time.perf_counter()
         start_step = self.step
+        checkpoint = resolve_checkpoint(self.out_dir) if self.step >= cfg.steps else None
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
