@@ -251,9 +251,10 @@ class RunConfig:
         options = d.pop(method, {}) or {}
         from ddlm.methods.base import method_names
 
-        stray = [k for k in d if k not in method_names()]
-        if stray:
-            raise ConfigError(f"unknown config section {stray[0]!r}; expected one of: "
+        for key in d:
+            if key in method_names():
+                raise ConfigError(f"options of method {key!r} (--{key}.*) do not apply to method {method!r}")
+            raise ConfigError(f"unknown config section {key!r}; expected one of: "
                               f"method, {', '.join(SECTIONS)}, {method}")
         return cls(method=method, method_options=options, **sections)
 
