@@ -1,0 +1,127 @@
+"""Sampling speed: NFE, seconds per sample and tokens/s, with and without each method's cache.
+
+    python benchmarks/sampling.py [--quick] [--batch 8] [--out benchmarks/results/sampling.json]
+
+Rows: MDLM ancestral at T in {16, 64, 256, 1024} steps with and without the no-change cache;
+MDLM first-hitting (one token per NFE, so NFE = L whatever T); AR with a KV cache and recomputing
+the prefix. Backbone: the quickstart size (d256, 4 layers, 4 heads, char vocab of 30, L = 256),
+randomly initialised, fp32; all rows share its weights (AR uses it with a causal mask).
+
+Read the cache rows honestly: an untrained network unmasks tokens at random times, and one network
+call serves the whole batch, so a call is saved only on steps where no row changed a token. That
+is rare until T is well above L / batch; the saving grows with T and shrinks with the batch. MDLM's
+paper reports its cache speed-up at T = 5k (Table 10). The default run takes several minutes on
+2 CPU cores (most of it the uncached T = 1024 row); --quick takes about a minute.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ddlm.config import ModelConfig
+from ddlm.nn.transformer import Transformer
+from ddlm.process.schedules import LogLinear
+from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
+from ddlm.sampling.ar import ARSampler
+
+VOCAB, BOS, MASK, PAD = 30, 27, 28, 29  # the char tokenizer's layout
+
+
+def build_model(length: int, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=VOCAB, max_len=length, dim=256, n_layers=4, n_heads=4)
+    return Transformer(cfg).eval()
+
+
+def measure(label: str, sampler, model, batch: int, length: int, seed: int, **info) -> dict:
+    gen = sampler.generate(model, batch, length, generator=torch.Generator().manual_seed(seed))
+    row = {"sampler": label, **info, "batch": batch, "length": length, "nfe": gen.nfe,
+           "seconds": gen.seconds, "seconds_per_sample": gen.seconds / batch,
+           "tokens_per_s": batch * length / gen.seconds,
+           "ms_per_nfe": 1000 * gen.seconds / max(gen.nfe, 1)}
+    print(format_row(row), flush=True)
+    return row
+
+
+def mdlm_rows(model, steps: list[int], batch: int, length: int, seed: int) -> list[dict]:
+    rows = []
+    for T in steps:
+        for cache in (True, False):
+            sampler = AncestralSampler(schedule=LogLinear(), mask_id=MASK, steps=T, use_cache=cache,
+                                       banned=(PAD,))
+            row = measure("mdlm-ancestral", sampler, model, batch, length, seed, steps=T, cache=cache)
+            row["calls_saved"] = 1 - row["nfe"] / (T + 1)
+            rows.append(row)
+    sampler = FirstHittingSampler(schedule=LogLinear(), mask_id=MASK, banned=(PAD,))
+    rows.append(measure("mdlm-first-hitting", sampler, model, batch, length, seed, steps=None,
+                        cache=False))
+    return rows
+
+
+def ar_rows(model, batch: int, length: int, seed: int) -> list[dict]:
+    rows = []
+    for cache in (True, False):
+        sampler = ARSampler(bos_id=BOS, use_cache=cache, banned=(MASK, PAD))
+        # BOS takes one position, so AR generates length - 1 tokens within the same context
+        rows.append(measure("ar", sampler, model, batch, length - 1, seed, steps=length - 1,
+                            cache=cache))
+    return rows
+
+
+def format_row(r: dict) -> str:
+    steps = "-" if r["steps"] is None else str(r["steps"])
+    return (f"{r['sampler']:<20} {steps:>6} {str(r['cache']):>6} {r['nfe']:>6} "
+            f"{r['seconds_per_sample']:>10.3f} {r['tokens_per_s']:>10.1f} {r['ms_per_nfe']:>9.1f}")
+
+
+HEADER = (f"{'sampler':<20} {'steps':>6} {'cache':>6} {'nfe':>6} {'s/sample':>10} "
+          f"{'tokens/s':>10} {'ms/nfe':>9}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="T in {16, 64}, L = 128, batch 2")
+    p.add_argument("--steps", default="16,64,256,1024", help="comma-separated T for MDLM")
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8, help="samples drawn in parallel")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/sampling.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = [int(s) for s in args.steps.split(",")]
+    length, batch = args.length, args.batch
+    if args.quick:
+        steps, length, batch = [16, 64], 128, 2
+    model = build_model(length, args.seed)
+    AncestralSampler(schedule=LogLinear(), mask_id=MASK, steps=4).generate(model, batch, length)  # warm-up
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    print(HEADER)
+    rows = mdlm_rows(model, steps, batch, length, args.seed) + ar_rows(model, batch, length, args.seed)
+    result = {"benchmark": "sampling", "rows": rows, "total_seconds": time.perf_counter() - start,
+              "model": {"dim": 256, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB,
+                        "max_len": length, "init": "random", "dtype": "fp32"},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "python": sys.version.split()[0],
+                          "load_average_1min_at_start": load},
+              "protocol": "one generate() call per row, batch samples in parallel, seed fixed; "
+                          "seconds are wall time of that call; nfe counts network calls"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out} ({result['total_seconds']:.0f} s; 1-min load average at start {load:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
