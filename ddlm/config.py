@@ -275,6 +275,18 @@ def _build(cls: type, values: dict, section: str):
     return cls(**kwargs)
 
 
+def section_config(base, section: str, values: dict, extra: list[str]):
+    """A copy of one section's config with `values` and `--section.field=value` args applied."""
+    merged = dataclasses.asdict(base)
+    merged.update({k: v for k, v in values.items() if v is not None})
+    for key, value in parse_overrides(extra).items():
+        prefix, _, name = key.partition(".")
+        if prefix != section:
+            raise ConfigError(f"option --{key} does not apply here; use --{section}.<field>")
+        merged[name] = value
+    return _build(type(base), merged, section)
+
+
 def _unknown_key(key: str, known: list[str]) -> str:
     near = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean --{near[0]}?)" if near else ""

@@ -6,21 +6,9 @@ import json
 
 from ddlm import runtime
 from ddlm.build import load_for_inference, prepare_data
-from ddlm.config import EvalConfig, _build, parse_overrides
-from ddlm.errors import ConfigError, DataError
+from ddlm.config import EvalConfig, section_config
+from ddlm.errors import DataError
 from ddlm.eval.likelihood import evaluate_likelihood
-
-
-def _eval_config(base: EvalConfig, split: str | None, extra: list[str]) -> EvalConfig:
-    values = dataclasses.asdict(base)
-    for key, value in parse_overrides(extra).items():
-        section, _, name = key.partition(".")
-        if section != "eval":
-            raise ConfigError(f"option --{key} does not apply to eval; use --eval.<field>")
-        values[name] = value
-    if split:
-        values["split"] = split
-    return _build(EvalConfig, values, "eval")
 
 
 def protocol_text(method: str, cfg: EvalConfig, exact: bool) -> str:
@@ -36,7 +24,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
     run = loaded.run
     if data:
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, corpus=data))
-    cfg = _eval_config(run.eval, split, overrides or [])
+    cfg = section_config(run.eval, "eval", {"split": split}, overrides or [])
     _, datasets = prepare_data(run, loaded.tokenizer)
     key = "valid" if cfg.split == "validation" else cfg.split
     if len(datasets[key]) == 0:

@@ -6,19 +6,8 @@ import dataclasses
 import torch
 
 from ddlm.build import load_for_inference
-from ddlm.config import SampleConfig, _build, parse_overrides
-from ddlm.errors import ConfigError, DataError
-
-
-def sample_config(base: SampleConfig, options: dict, extra: list[str]) -> SampleConfig:
-    values = dataclasses.asdict(base)
-    values.update({k: v for k, v in options.items() if v is not None})
-    for key, value in parse_overrides(extra).items():
-        section, _, name = key.partition(".")
-        if section != "sample":
-            raise ConfigError(f"option --{key} does not apply to sample; use --sample.<field>")
-        values[name] = value
-    return _build(SampleConfig, values, "sample")
+from ddlm.config import section_config
+from ddlm.errors import DataError
 
 
 def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
@@ -40,7 +29,7 @@ def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
 def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None = None,
                       extra: list[str] | None = None) -> dict:
     loaded = load_for_inference(path)
-    cfg = sample_config(loaded.run.sample, options or {}, extra or [])
+    cfg = section_config(loaded.run.sample, "sample", options or {}, extra or [])
     context = loaded.run.model.max_len
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, context) if prompt else None
     length = cfg.length or context - (0 if prompt_ids is None else len(prompt_ids))
