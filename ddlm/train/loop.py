@@ -6,6 +6,7 @@ checkpoints with exact resume, and a checkpoint then a clean exit on SIGINT/SIGT
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -221,8 +222,6 @@ class Trainer:
         return record
 
     def _inference_weights(self):
-        import contextlib
-
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def save(self) -> Path:
