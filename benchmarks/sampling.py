@@ -1,6 +1,6 @@
 """Sampling speed: NFE, seconds per sample and tokens/s, with and without each method's cache.
 
-    python benchmarks/sampling.py [--quick] [--batch 8] [--out benchmarks/results/sampling.json]
+    python benchmarks/sampling.py [--quick] [--batch 4] [--out benchmarks/results/sampling.json]
 
 Rows: MDLM ancestral at T in {16, 64, 256, 1024} steps with and without the no-change cache;
 MDLM first-hitting (one token per NFE, so NFE = L whatever T); AR with a KV cache and recomputing
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="T in {16, 64}, L = 128, batch 2")
     p.add_argument("--steps", default="16,64,256,1024", help="comma-separated T for MDLM")
     p.add_argument("--length", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8, help="samples drawn in parallel")
+    p.add_argument("--batch", type=int, default=4, help="samples drawn in parallel")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/sampling.json")

@@ -165,6 +165,21 @@ def test_config_validation_and_registry():
         m.sampler(SampleConfig(sampler="nope"))
 
 
+def test_loss_passes_sigma_only_when_time_conditioned():
+    seen = []
+
+    def spy(z, *, sigma=None, mask=None):
+        seen.append((sigma, mask))
+        return torch.zeros(*z.shape, V + 1)
+
+    x0 = torch.zeros(2, L, dtype=torch.long)
+    t = torch.tensor([0.3, 0.9])
+    method().loss(spy, x0, t=t)
+    method(time_conditioning=True).loss(spy, x0, t=t)
+    assert seen[0] == (None, "bidirectional")
+    assert torch.allclose(seen[1][0].double(), LogLinear().total_noise(t.double()))
+
+
 # --------------------------------------------------------------------------- NELBO, exactly
 
 EXACT_SCHEDS = [LogLinear(eps=1e-7), Cosine(eps=1e-7), Linear(eps=1e-7)]

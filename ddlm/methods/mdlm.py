@@ -158,8 +158,8 @@ class MDLM(Method):
         if not T:
             return self.schedule.weight(t)
         s = (t - 1.0 / T).clamp_min(0.0)
-        a_t, a_s = self.schedule.alpha(t), self.schedule.alpha(s)
-        return T * (a_s - a_t) / self.schedule.mask_prob(t)
+        m_t, m_s = self.schedule.mask_prob(t), self.schedule.mask_prob(s)  # alpha_s - alpha_t = m_t - m_s
+        return T * (m_t - m_s) / m_t
 
     # ---- network --------------------------------------------------------------------------
 

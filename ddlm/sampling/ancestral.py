@@ -56,7 +56,7 @@ class MaskedSampler:
         if self.conditioned(model):
             t_b = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
             sigma = self.schedule.total_noise(t_b).float()
-        logits = model(z, sigma=sigma, mask="bidirectional").double()  # (B, L, V)
+        logits = model(z, sigma=sigma, mask="bidirectional").to(torch.float64, copy=True)  # (B, L, V)
         if self.banned:
             logits[..., list(self.banned)] = float("-inf")
         logp = subs_log_probs(logits, z, self.mask_id, dtype=torch.float64)
@@ -79,8 +79,9 @@ class MaskedSampler:
     def generate(self, model, n: int, length: int, *, prompt: torch.Tensor | None = None,
                  generator: torch.Generator | None = None,
                  template: torch.Tensor | None = None) -> Generation:
-        """(n, Lp + length) tokens, or (n, L) for a template. Longer than the model's context
-        (model.cfg.max_len): delegated to `generate_long` with stride context // 2."""
+        """(n, Lp + length) tokens, or (n, L) for a template (then `length` is not used). Longer
+        than the model's context (model.cfg.max_len): delegated to `generate_long`, stride
+        context // 2."""
         context = getattr(getattr(model, "cfg", None), "max_len", 0)
         total = length + (prompt.shape[-1] if prompt is not None else 0)
         if template is None and context and total > context:
@@ -117,8 +118,6 @@ class MaskedSampler:
         nfe = 0
         while out.shape[1] < goal:
             prefix = out[:, max(0, out.shape[1] - keep):] if out.shape[1] else None
-            if prefix is not None and prefix.shape[1] >= context:
-                raise ValueError(f"prompt of {prefix.shape[1]} tokens leaves no room in context={context}")
             new = min(goal - out.shape[1], context - (prefix.shape[1] if prefix is not None else 0))
             z = self.initial_state(n, new, prefix, None, out.device)
             z, used = self.run(model, z, generator)
@@ -170,9 +169,10 @@ class AncestralSampler(MaskedSampler):
 
     def step(self, z: torch.Tensor, logp: torch.Tensor, t: float, s: float, generator) -> torch.Tensor:
         """One reverse step t -> s (s < t) of eq. 7 for every masked token; (B, L) -> (B, L)."""
-        a_t, a_s = self.schedule.alpha(torch.tensor([t, s], dtype=torch.float64)).tolist()
-        log_q = logp + torch.log(torch.tensor(a_s - a_t, dtype=torch.float64))  # (B, L, V)
-        log_q[..., self.mask_id] = torch.log1p(torch.tensor(-a_s, dtype=torch.float64))
+        # alpha_s - alpha_t = m_t - m_s and 1 - alpha_s = m_s, with m = mask_prob (accurate near 0)
+        m_t, m_s = self.schedule.mask_prob(torch.tensor([t, s], dtype=torch.float64))
+        log_q = logp + torch.log(m_t - m_s)  # (B, L, V)
+        log_q[..., self.mask_id] = torch.log(m_s)
         draw = gumbel_argmax(log_q, generator)  # (B, L); normalising by 1 - alpha_t is not needed
         return torch.where(z == self.mask_id, draw, z)
 
