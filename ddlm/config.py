@@ -196,6 +196,9 @@ class SampleConfig:
     """Seed of the sampling noise."""
     batch_size: int = 16
     """Samples drawn in parallel."""
+    stride: int = 0
+    """Past the context, each window adds this many tokens after the last context - stride
+    (0: context // 2)."""
 
     def __post_init__(self) -> None:
         _check(self.num >= 1, f"sample.num={self.num} must be >= 1")
@@ -205,6 +208,7 @@ class SampleConfig:
         _check(self.top_k >= 0, f"sample.top_k={self.top_k} must be >= 0")
         _check(0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1]")
         _check(self.batch_size >= 1, f"sample.batch_size={self.batch_size} must be >= 1")
+        _check(self.stride >= 0, f"sample.stride={self.stride} must be >= 0")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,

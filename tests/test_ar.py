@@ -37,3 +37,41 @@ def test_top_p_and_top_k_filter():
     p = torch.softmax(logits.double(), -1)[0]
     nucleus = filter_logits(logits, top_p=float(p[0] + 1e-3)).exp()[0]
     assert nucleus[0] > 0 and nucleus[1] > 0 and nucleus[2] == 0
+
+
+def test_generation_past_the_context_slides_a_window():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=13, max_len=8, dim=32, n_layers=2, n_heads=2)).eval()
+    prefills = []
+
+    class Spy(torch.nn.Module):
+        cfg = model.cfg
+
+        def forward(self, tokens, **kw):
+            if tokens.shape[1] > 1 or kw.get("cache") is None:
+                prefills.append(tokens.clone())
+            return model(tokens, **kw)
+
+        def new_cache(self, *a, **kw):
+            return model.new_cache(*a, **kw)
+
+    spy = Spy()
+    spy.dummy = torch.nn.Parameter(torch.zeros(1))
+    prompt = torch.tensor([1, 2, 3])
+    out = ARSampler(bos_id=12).generate(spy, 2, 20, prompt=prompt, stride=3,
+                                        generator=torch.Generator().manual_seed(0))
+    assert out.tokens.shape == (2, 23) and torch.equal(out.tokens[:, :3], prompt.expand(2, 3))
+    assert all(p.shape[1] <= 8 and (p[:, 0] == 12).all() for p in prefills)
+    # first window: BOS + prompt; each later one: BOS + the last 8 - 3 tokens generated so far
+    assert torch.equal(prefills[0][:, 1:], prompt.expand(2, 3))
+    done = 8
+    for p in prefills[1:]:
+        assert torch.equal(p[:, 1:], out.tokens[:, done - 5:done])
+        done += 3
+    assert done >= 23 and out.nfe == 20
+    try:
+        ARSampler(bos_id=12).generate(model, 1, 4, prompt=torch.arange(8) % 12)
+    except Exception as err:
+        assert "leaves no room" in str(err)
+    else:
+        raise AssertionError("a prompt filling the context must be refused")

@@ -47,6 +47,10 @@ def test_train_eval_sample_info_json(trained, tmp_path, capsys):
     result = json.loads(out)
     assert code == 0 and len(result["texts"]) == 3 and all(t.startswith("the") for t in result["texts"])
     assert len(jsonl.read_text().splitlines()) == 3
+    long = tmp_path / "long.jsonl"  # 70 tokens, past the context of 32
+    code, out, _ = run_cli(["sample", str(trained), "--num", "2", "--length", "70", "--json",
+                            "--out", str(long)], capsys)
+    assert code == 0 and [len(json.loads(r)["tokens"]) for r in long.read_text().splitlines()] == [70, 70]
     code, out, _ = run_cli(["info", str(trained), "--json"], capsys)
     assert code == 0 and json.loads(out)["method"] == "ar"
 
@@ -77,6 +81,8 @@ def test_bad_sampling_and_checkpoint_input(trained, tmp_path, capsys):
     assert "longer than the model's context" in _error(
         ["sample", str(trained), "--prompt", "word " * 20], capsys)
     assert "outside" in _error(["sample", str(trained), "--prompt", "caf\u00e9 \u65e5\u672c"], capsys)
+    assert "sample.stride=40" in _error(["sample", str(trained), "--length", "50",
+                                         "--sample.stride=40"], capsys)
     assert "holds no checkpoint" in _error(["eval", str(tmp_path)], capsys)
     assert "different run" in _error(["train", "--out", str(trained), "--steps", "3",
                                       *TINY, "--model.dim=64"], capsys)

@@ -47,6 +47,7 @@ class Tokenizer(Protocol):
     def chars_per_token(self, text: str) -> float: ...
     def to_dict(self) -> dict: ...
     def check_text(self, text: str) -> None: ...
+    def check_prompt(self, text: str) -> None: ...
 
 
 def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
@@ -134,8 +135,16 @@ class CharTokenizer:
         return _ratio(self, text)
 
     def check_text(self, text: str) -> None:
-        """Any text is fine: normalisation maps digits, punctuation and non-ASCII to spaces."""
+        """Any corpus text is fine: normalisation maps digits, punctuation and non-ASCII to spaces."""
         self.normalize(text)
+
+    def check_prompt(self, text: str) -> None:
+        """A prompt must not lose letters: non-ASCII characters (other scripts) are refused."""
+        self.normalize(text)
+        foreign = sorted({c for c in text if ord(c) > 127})
+        if foreign:
+            raise DataError(f"prompt has characters outside the char vocabulary (a-z, space): "
+                            f"{''.join(foreign)!r}")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size}
@@ -171,6 +180,8 @@ class ByteTokenizer:
     def check_text(self, text: str) -> None:
         """Every str encodes, except one with unpaired surrogates."""
         _utf8(text)
+
+    check_prompt = check_text
 
     def to_dict(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size}
@@ -256,6 +267,8 @@ class BPETokenizer:
     def check_text(self, text: str) -> None:
         """Every str encodes, except one with unpaired surrogates."""
         _utf8(text)
+
+    check_prompt = check_text
 
     def to_dict(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size, "tokenizer_json": self._hf.to_str()}
@@ -344,6 +357,8 @@ class Cl100kTokenizer:
     def check_text(self, text: str) -> None:
         """Every str encodes, except one with unpaired surrogates."""
         _utf8(text)
+
+    check_prompt = check_text
 
     def to_dict(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size}

@@ -49,4 +49,5 @@ class AR(Method):
         from ddlm.sampling.ar import ARSampler
 
         return ARSampler(bos_id=self.bos_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, use_cache=cfg.cache, banned=(self.mask_id, self.pad_id))
+                         top_p=cfg.top_p, use_cache=cfg.cache, banned=(self.mask_id, self.pad_id),
+                         stride=cfg.stride)

@@ -228,7 +228,7 @@ class MDLM(Method):
         name = cfg.sampler or self.cfg.sampler
         common = dict(schedule=self.schedule, mask_id=self.mask_id,
                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                      time_conditioned=self.time_conditioned)
+                      time_conditioned=self.time_conditioned, stride=cfg.stride)
         if name == "ancestral":
             return AncestralSampler(steps=cfg.steps, use_cache=cfg.cache, t_min=self.cfg.t_min,
                                     noise_removal=self.cfg.noise_removal, **common)

@@ -40,8 +40,9 @@ class MaskedSampler:
 
     def __init__(self, *, schedule: Schedule, mask_id: int, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, time_conditioned: bool = False,
-                 banned: tuple[int, ...] = ()) -> None:
+                 banned: tuple[int, ...] = (), stride: int = 0) -> None:
         self.schedule, self.mask_id, self.banned = schedule, mask_id, tuple(banned)
+        self.stride = stride  # tokens per window past the context (0: context // 2)
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.time_conditioned = time_conditioned
 
@@ -80,8 +81,7 @@ class MaskedSampler:
                  generator: torch.Generator | None = None,
                  template: torch.Tensor | None = None) -> Generation:
         """(n, Lp + length) tokens, or (n, L) for a template (then `length` is not used). Longer
-        than the model's context (model.cfg.max_len): delegated to `generate_long`, stride
-        context // 2."""
+        than the model's context (model.cfg.max_len): delegated to `generate_long`."""
         context = getattr(getattr(model, "cfg", None), "max_len", 0)
         total = length + (prompt.shape[-1] if prompt is not None else 0)
         if template is None and context and total > context:
@@ -107,7 +107,7 @@ class MaskedSampler:
         """
         start = time.perf_counter()
         context = context or model.cfg.max_len
-        stride = stride or max(1, context // 2)
+        stride = stride or self.stride or max(1, context // 2)
         keep = context - stride
         if not 0 < stride <= context:
             raise ValueError(f"stride={stride} must be in 1..context={context}")

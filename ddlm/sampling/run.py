@@ -7,16 +7,11 @@ import torch
 
 from ddlm.build import load_for_inference
 from ddlm.config import section_config
-from ddlm.errors import DataError
+from ddlm.errors import ConfigError, DataError
 
 
 def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
-    tokenizer.check_text(prompt)
-    if tokenizer.name == "char":  # text8 maps ASCII punctuation/digits to space; other scripts are lost
-        foreign = sorted({c for c in prompt if ord(c) > 127})
-        if foreign:
-            raise DataError(f"prompt has characters outside the char vocabulary (a-z, space): "
-                            f"{''.join(foreign)!r}")
+    tokenizer.check_prompt(prompt)
     ids = tokenizer.encode(prompt)
     if not ids:
         raise DataError(f"prompt {prompt!r} encodes to no tokens")
@@ -31,6 +26,8 @@ def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None =
     loaded = load_for_inference(path)
     cfg = section_config(loaded.run.sample, "sample", options or {}, extra or [])
     context = loaded.run.model.max_len
+    if cfg.stride > context:
+        raise ConfigError(f"sample.stride={cfg.stride} is longer than the model's context of {context} tokens")
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, context) if prompt else None
     length = cfg.length or context - (0 if prompt_ids is None else len(prompt_ids))
     sampler = loaded.method.sampler(cfg)
