@@ -1,16 +1,17 @@
 """Sampling speed: NFE, seconds per sample and tokens/s, with and without each method's cache.
 
-    python benchmarks/sampling.py [--quick] [--batch 4] [--out benchmarks/results/sampling.json]
+    python benchmarks/sampling.py [--quick] [--batch 1,4] [--out benchmarks/results/sampling.json]
 
 Rows: MDLM ancestral at T in {16, 64, 256, 1024} steps with and without the no-change cache;
 MDLM first-hitting (one token per NFE, so NFE = L whatever T); AR with a KV cache and recomputing
 the prefix. Backbone: the quickstart size (d256, 4 layers, 4 heads, char vocab of 30, L = 256),
 randomly initialised, fp32; all rows share its weights (AR uses it with a causal mask).
 
-Read the cache rows honestly: an untrained network unmasks tokens at random times, and one network
-call serves the whole batch, so a call is saved only on steps where no row changed a token. That
-is rare until T is well above L / batch; the saving grows with T and shrinks with the batch. MDLM's
-paper reports its cache speed-up at T = 5k (Table 10). The default run takes several minutes on
+Read the cache rows honestly: whether a masked token unmasks in a step depends only on the schedule
+(probability (m_t - m_s)/m_t), not on the network, so the weights do not change the saving. One
+network call serves the whole batch, so a call is saved only on steps where no row changed a
+token; that is rare until T is well above L * batch, so the saving grows with T and shrinks with
+the batch. MDLM's paper reports its cache speed-up at T = 5k (Table 10). The default run takes several minutes on
 2 CPU cores (most of it the uncached T = 1024 row); --quick takes about a minute.
 """
 from __future__ import annotations
@@ -77,11 +78,11 @@ def ar_rows(model, batch: int, length: int, seed: int) -> list[dict]:
 
 def format_row(r: dict) -> str:
     steps = "-" if r["steps"] is None else str(r["steps"])
-    return (f"{r['sampler']:<20} {steps:>6} {str(r['cache']):>6} {r['nfe']:>6} "
+    return (f"{r['sampler']:<20} {r['batch']:>5} {steps:>6} {str(r['cache']):>6} {r['nfe']:>6} "
             f"{r['seconds_per_sample']:>10.3f} {r['tokens_per_s']:>10.1f} {r['ms_per_nfe']:>9.1f}")
 
 
-HEADER = (f"{'sampler':<20} {'steps':>6} {'cache':>6} {'nfe':>6} {'s/sample':>10} "
+HEADER = (f"{'sampler':<20} {'batch':>5} {'steps':>6} {'cache':>6} {'nfe':>6} {'s/sample':>10} "
           f"{'tokens/s':>10} {'ms/nfe':>9}")
 
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="T in {16, 64}, L = 128, batch 2")
     p.add_argument("--steps", default="16,64,256,1024", help="comma-separated T for MDLM")
     p.add_argument("--length", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4, help="samples drawn in parallel")
+    p.add_argument("--batch", default="1,4", help="comma-separated numbers of samples drawn in parallel")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/sampling.json")
@@ -98,15 +99,17 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = [int(s) for s in args.steps.split(",")]
-    length, batch = args.length, args.batch
+    length, batches = args.length, [int(b) for b in args.batch.split(",")]
     if args.quick:
-        steps, length, batch = [16, 64], 128, 2
+        steps, length, batches = [16, 64], 128, [2]
     model = build_model(length, args.seed)
-    AncestralSampler(schedule=LogLinear(), mask_id=MASK, steps=4).generate(model, batch, length)  # warm-up
+    AncestralSampler(schedule=LogLinear(), mask_id=MASK, steps=4).generate(model, 2, length)  # warm-up
     load = os.getloadavg()[0]
     start = time.perf_counter()
     print(HEADER)
-    rows = mdlm_rows(model, steps, batch, length, args.seed) + ar_rows(model, batch, length, args.seed)
+    rows = []
+    for batch in batches:
+        rows += mdlm_rows(model, steps, batch, length, args.seed) + ar_rows(model, batch, length, args.seed)
     result = {"benchmark": "sampling", "rows": rows, "total_seconds": time.perf_counter() - start,
               "model": {"dim": 256, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB,
                         "max_len": length, "init": "random", "dtype": "fp32"},
