@@ -13,8 +13,8 @@ from ddlm.train.loop import train
 QUICKSTART = {
     "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 128},
     "model": {"dim": 256, "n_layers": 4, "n_heads": 4},
-    "train": {"steps": 500, "batch_size": 16, "lr": 2e-3, "warmup_steps": 50, "eval_every": 200,
-              "eval_batches": 4, "ckpt_every": 200, "ema": 0.99},
+    "train": {"steps": 500, "batch_size": 16, "lr": 1e-3, "beta2": 0.95, "warmup_steps": 50,
+              "eval_every": 200, "eval_batches": 4, "ckpt_every": 200, "ema": 0.99},
     "eval": {"max_batches": 20, "batch_size": 32},
     "sample": {"num": 2, "steps": 128},
 }

@@ -98,3 +98,13 @@ def test_checkpoint_of_another_vocab(trained, tmp_path, capsys):
 
     (latest / "tokenizer.json").write_text(json.dumps(ByteTokenizer().to_dict()))
     assert "vocab" in _error(["eval", str(copy)], capsys)
+
+
+def test_quickstart_runs_both_methods_end_to_end(tmp_path, capsys):
+    tiny = [a.lstrip("-") for a in TINY if not a.startswith("--data.seq_len")] + ["sample.steps=8"]
+    code, out, _ = run_cli(["quickstart", "--out", str(tmp_path), "--steps", "2", "--json",
+                            *[f"--{a}" for a in tiny]], capsys)
+    report = json.loads(out)
+    assert code == 0 and set(report) == {"ar", "mdlm"}
+    assert report["ar"]["exact"] and not report["mdlm"]["exact"]
+    assert all(r["steps"] == 2 and r["test_bpc"] > 0 and len(r["samples"]) == 2 for r in report.values())

@@ -1,0 +1,58 @@
+"""Plots of run directories: validation BPC against training steps, one line per run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ddlm.errors import DataError
+
+
+def validation_curve(run_dir: str | Path) -> tuple[list[int], list[float], list[float]]:
+    """(steps, val_bpc, val_bpc_stderr) from a run's metrics.jsonl, in step order.
+
+    A resumed run may log a step twice; the later line wins.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DataError(f"'{run_dir}' has no metrics.jsonl")
+    points: dict[int, tuple[float, float]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("split") == "valid" and "val_bpc" in row:
+            points[int(row["step"])] = (float(row["val_bpc"]), float(row.get("val_bpc_stderr", 0.0)))
+    if not points:
+        raise DataError(f"'{path}' holds no validation rows")
+    steps = sorted(points)
+    return steps, [points[s][0] for s in steps], [points[s][1] for s in steps]
+
+
+def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, title: str = "",
+                           reference: dict[str, float] | None = None) -> Path:
+    """Write a PNG of validation BPC vs step for each labelled run (a bound for diffusion methods),
+    with ±1 standard-error bands and optional horizontal reference lines (label -> BPC)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for label, run_dir in runs.items():
+        steps, bpc, err = validation_curve(run_dir)
+        line, = ax.plot(steps, bpc, marker="o", markersize=3, label=label)
+        ax.fill_between(steps, [b - e for b, e in zip(bpc, err)], [b + e for b, e in zip(bpc, err)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    for label, value in (reference or {}).items():
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1)
+        ax.annotate(label, (ax.get_xlim()[1], value), xytext=(-4, 3), textcoords="offset points",
+                    ha="right", fontsize=8, color="grey")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation BPC (diffusion: upper bound)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
