@@ -9,7 +9,6 @@ methods' nll_bound on every validation block (L = 64, all tokens counted), bits 
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from ddlm.build import load_for_inference, prepare_data
@@ -67,7 +66,6 @@ def paired_bits(a: torch.Tensor, b: torch.Tensor, length: int) -> tuple[float, f
     return d.mean().item(), d.std().item() / math.sqrt(len(d))
 
 
-@pytest.mark.slow
 def test_mdlm_bound_approaches_markov_entropy_rate(tmp_path):
     P, pi, h = write_chain(tmp_path / "chain.txt", 200_000)
     mdlm, valid = fit("mdlm", tmp_path / "chain.txt", tmp_path / "mdlm")
