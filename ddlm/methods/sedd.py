@@ -1,0 +1,154 @@
+"""SEDD: score-entropy discrete diffusion (Lou et al. 2024), absorbing and uniform graphs.
+
+The backbone's logits parameterise log concrete scores, s_theta(x_t, t)_{l,y} ~ p_t(x_t with
+x_t,l = y) / p_t(x_t), for every one-token neighbour y of x_t. Absorbing graph (SEDD code):
+    log s = logits - log expm1(sigma_bar) - log(n_tokens),
+so that a softmax output p_theta gives the scores p_theta / expm1(sigma_bar) of MDLM's denoiser.
+Uniform graph: log s = logits. Ids outside the graph and y = x_t get no score.
+
+Denoising score entropy at position l (SEDD eq. 9, weights Q(x_t, y) of the graph):
+    DSE_l = sum_{y != x_t} Q(x_t, y) [ s_y - r_y log s_y + K(r_y) ],   K(a) = a (log a - 1),
+    r_y = p_{t|0}(y | x0) / p_{t|0}(x_t | x0),
+which is >= 0 and = 0 iff s_y = r_y. Likelihood bound (SEDD Thm 3.6), per sequence:
+    -log p(x0) <= int_0^1 sigma(t) E_{x_t} [ sum_l DSE_l ] dt + sum_l KL(p_{1|0}(. | x0_l) || p_base),
+estimated with stratified t (as MDLM) and accumulated in float64. For the absorbing graph with
+softmax scores, sigma(t) DSE_l equals MDLM's per-token loss w(t) (-log p_theta(x0_l)) exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ddlm.errors import ConfigError
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound
+from ddlm.methods.mdlm import stratified_uniform
+from ddlm.process.graphs import GRAPHS, Absorbing, Graph, build_graph
+from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
+
+
+@dataclass
+class SEDDConfig(MethodConfig):
+    """Options of SEDD (`--sedd.<field>=value`)."""
+
+    graph: str = "absorbing"
+    """Forward process: absorbing (to MASK) | uniform (to any token)."""
+    schedule: str = "loglinear"
+    """Noise schedule: loglinear | cosine | linear | geometric (SEDD uses geometric for uniform)."""
+    eps: float = 1e-3
+    """Schedule floor for loglinear, cosine and linear."""
+    sigma_min: float = 1e-4
+    """Geometric schedule only: sigma_bar(0)."""
+    sigma_max: float = 20.0
+    """Geometric schedule only: sigma_bar(1)."""
+    sampling_eps: float = 1e-3
+    """Training/eval times are t = sampling_eps + (1 - sampling_eps) u, u ~ U[0, 1)."""
+    antithetic: bool = True
+    """Low-discrepancy times across the batch (False: i.i.d., as the SEDD code)."""
+    time_conditioning: bool = True
+    """Give the backbone sigma_bar(t) (adaLN), as SEDD's DiT does."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        checks = [
+            (self.graph in GRAPHS, f"sedd.graph={self.graph!r} must be one of: {', '.join(GRAPHS)}"),
+            (self.schedule in SCHEDULES,
+             f"sedd.schedule={self.schedule!r} must be one of: {', '.join(SCHEDULES)}"),
+            (0 < self.eps < 1, f"sedd.eps={self.eps} must be in (0, 1)"),
+            (0 < self.sigma_min < self.sigma_max,
+             f"sedd.sigma_min={self.sigma_min}, sigma_max={self.sigma_max} need 0 < min < max"),
+            (0 <= self.sampling_eps < 1, f"sedd.sampling_eps={self.sampling_eps} must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def score_entropy(log_score: torch.Tensor, ratio: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_y w_y [ s_y - r_y log s_y + K(r_y) ] over the last axis; (..., V) -> (...).
+
+    Terms with w_y = 0 are dropped (their scores may be -inf); r log s = 0 and K(r) = 0 at r = 0.
+    """
+    live = weight > 0
+    log_s = torch.where(live, log_score, torch.zeros_like(log_score))
+    r = torch.where(live, ratio, torch.zeros_like(ratio))
+    reached = r > 0
+    k = torch.where(reached, r * (torch.log(r.clamp_min(1e-300)) - 1), torch.zeros_like(r))
+    r_log_s = torch.where(reached, r * log_s, torch.zeros_like(r))
+    terms = torch.exp(log_s) - r_log_s + k
+    return (weight * torch.where(live, terms, torch.zeros_like(terms))).sum(-1)
+
+
+class SEDD(Method):
+    name = "sedd"
+    config_class = SEDDConfig
+    attention = "bidirectional"
+
+    def __init__(self, cfg: SEDDConfig, *, vocab_size: int, mask_id: int, bos_id: int,
+                 pad_id: int) -> None:
+        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
+        cfg.validate()
+        self.graph: Graph = build_graph(cfg.graph, vocab_size, mask_id)
+        self.schedule: Schedule = (
+            build_schedule("geometric", sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
+            if cfg.schedule == "geometric" else build_schedule(cfg.schedule, eps=cfg.eps))
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.cfg.time_conditioning
+
+    def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
+        u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
+        return self.cfg.sampling_eps + (1 - self.cfg.sampling_eps) * u
+
+    def log_score(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) log s_theta from plain logits, float64; -inf at y = x_t and outside the graph."""
+        log_s = logits.to(torch.float64)
+        if isinstance(self.graph, Absorbing):
+            offset = torch.log(torch.expm1(sigma_bar.to(torch.float64))) + torch.log(
+                torch.tensor(float(self.graph.n_tokens), dtype=torch.float64))
+            log_s = log_s - offset.reshape(-1, *([1] * (log_s.dim() - 1)))
+        allowed = self.graph.member.to(log_s.device) & ~torch.nn.functional.one_hot(
+            xt, self.vocab_size).bool()
+        return log_s.masked_fill(~allowed, float("-inf"))
+
+    def position_dse(self, model, x0: torch.Tensor, xt: torch.Tensor,
+                     sigma_bar: torch.Tensor) -> torch.Tensor:
+        """(B, L) float64 denoising score entropy of every position (0 where no rate flows in)."""
+        sigma = sigma_bar.float() if self.time_conditioned else None
+        logits = model(xt, sigma=sigma, mask="bidirectional")  # (B, L, V)
+        log_s = self.log_score(logits, xt, sigma_bar)
+        p = self.graph.transition(x0, sigma_bar[:, None])  # (B, L, V) p_{t|0}(y | x0)
+        ratio = p / p.gather(-1, xt[..., None])
+        return score_entropy(log_s, ratio, self.graph.rate_into(xt))
+
+    def token_loss(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+        """(B, L) float64: sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0), one t per sequence."""
+        t = t.to(torch.float64)
+        sigma_bar = self.schedule.total_noise(t)
+        xt = self.graph.corrupt(x0, sigma_bar[:, None].expand(x0.shape), generator)
+        return self.schedule.rate(t)[:, None] * self.position_dse(model, x0, xt, sigma_bar)
+
+    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
+        """Bound estimate with one t per sequence (without the constant prior term)."""
+        t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None else t
+        weights = torch.ones(x0.shape, device=x0.device) if loss_mask is None else loss_mask.float()
+        nll = self.token_loss(model, x0, t.to(x0.device), generator).float() * weights
+        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
+
+    @torch.no_grad()
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+        """Per-sequence bound in nats (float64): the DSE integral averaged over n_samples stratified
+        times per sequence (as MDLM's protocol) plus the prior KL at t = 1 of every counted token."""
+        B = x0.shape[0]
+        t_all = self.sample_t(B * n_samples, generator=generator, device=x0.device).view(n_samples, B)
+        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
+            else loss_mask.to(torch.float64)
+        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+        for t in t_all:
+            total += (self.token_loss(model, x0, t, generator) * weights).sum(1)
+        one = torch.ones((), dtype=torch.float64, device=x0.device)
+        prior = (self.graph.prior_kl(x0, self.schedule.total_noise(one)) * weights).sum(1)
+        return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)
