@@ -8,6 +8,9 @@ A graph gives, for token tensors of any shape (...,) and total noise sigma_bar b
                                   the weight of the score-entropy term of neighbour y (SEDD eq. 9)
     corrupt(x0, sb, g)  (...)     x_t ~ p_{t|0}(. | x0)
     prior_kl(x0, sb)    (...)     KL(p_{1|0}(. | x0) || p_base) of the bound's prior term
+    exp_apply(v, a)     (..., V)  exp(a Q) v along the last axis; a (...) may be negative
+    exp_into(xt, a)     (..., V)  exp(a Q)(x_t, y): the chance of reaching x_t from y; a (...)
+    sample_base(shape)  (...)     a draw of the base distribution
 Ids outside `states` (e.g. BOS/PAD in a shared vocabulary) get probability 0 everywhere.
 """
 from __future__ import annotations
@@ -40,6 +43,15 @@ class Graph:
         raise NotImplementedError
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def exp_apply(self, v: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def exp_into(self, xt: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample_base(self, shape, generator=None, device=None) -> torch.Tensor:
         raise NotImplementedError
 
     def corrupt(self, x0: torch.Tensor, sigma_bar: torch.Tensor, generator=None) -> torch.Tensor:
@@ -82,6 +94,29 @@ class Absorbing(Graph):
         alpha1 = torch.exp(-sigma_bar.to(torch.float64))
         return (alpha1 * math.log(self.n_tokens)).expand(x0.shape)
 
+    def _tokens(self, device) -> torch.Tensor:
+        tokens = self.member.to(device).clone()
+        tokens[self.mask_id] = False
+        return tokens
+
+    def exp_apply(self, v, a):
+        # column z of exp(aQ): e^{-a} at z and 1 - e^{-a} at MASK for a token z; MASK stays MASK
+        a = a.to(v.dtype)[..., None]
+        tokens = self._tokens(v.device)
+        out = torch.where(tokens, v * torch.exp(-a), torch.zeros_like(v))
+        out[..., self.mask_id] = v[..., self.mask_id] - torch.expm1(-a[..., 0]) * (v * tokens).sum(-1)
+        return out
+
+    def exp_into(self, xt, a):
+        a = a.to(torch.float64)[..., None]
+        into_mask = -torch.expm1(-a) * self._tokens(xt.device) \
+            + self._one_hot(torch.full_like(xt, self.mask_id), torch.float64)
+        stay = self._one_hot(xt, torch.float64) * torch.exp(-a)
+        return torch.where((xt == self.mask_id)[..., None], into_mask, stay)
+
+    def sample_base(self, shape, generator=None, device=None):
+        return torch.full(shape, self.mask_id, dtype=torch.long, device=device)
+
 
 class Uniform(Graph):
     """Every state jumps to a uniformly chosen state at rate 1: Q = 1 1^T / N - I (SEDD's uniform).
@@ -109,6 +144,21 @@ class Uniform(Graph):
         n = self.n_states
         terms = torch.where(p > 0, p * (torch.log(p) + math.log(n)), torch.zeros_like(p))
         return terms.sum(-1)
+
+    def exp_apply(self, v, a):
+        a = a.to(v.dtype)[..., None]
+        member = self.member.to(v.device).to(v.dtype)
+        spread = -torch.expm1(-a) * (v * member).sum(-1, keepdim=True) / self.n_states
+        return (v * torch.exp(-a) + spread) * member
+
+    def exp_into(self, xt, a):
+        a = a.to(torch.float64)[..., None]
+        member = self.member.to(xt.device).to(torch.float64)
+        return self._one_hot(xt, torch.float64) * torch.exp(-a) - torch.expm1(-a) * member / self.n_states
+
+    def sample_base(self, shape, generator=None, device=None):
+        pick = torch.randint(0, self.n_states, shape, generator=generator, device=device)
+        return self.states.to(pick.device)[pick]
 
 
 GRAPHS = ("absorbing", "uniform")
