@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_args(s):
-    s.add_argument("--method", help="ar | mdlm")
+    s.add_argument("--method", help="ar | mdlm | sedd")
     s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt (default austen)")
     s.add_argument("--tokenizer", help="char | byte | bpe | cl100k (default char)")
     s.add_argument("--out", required=True, help="run directory (resumed if it holds this run)")

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, register
 from ddlm.methods.mdlm import stratified_uniform
 from ddlm.process.graphs import GRAPHS, Absorbing, Graph, build_graph
 from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
+from ddlm.sampling.score import PREDICTORS
 
 
 @dataclass
@@ -47,6 +48,10 @@ class SEDDConfig(MethodConfig):
     """Low-discrepancy times across the batch (False: i.i.d., as the SEDD code)."""
     time_conditioning: bool = True
     """Give the backbone sigma_bar(t) (adaLN), as SEDD's DiT does."""
+    predictor: str = "analytic"
+    """Sampler step: analytic (Tweedie tau-leaping) | euler."""
+    t_min: float = 1e-5
+    """Last time of the sampling grid linspace(1, t_min, T + 1), then a final denoise to 0."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -60,6 +65,9 @@ class SEDDConfig(MethodConfig):
             (0 < self.sigma_min < self.sigma_max,
              f"sedd.sigma_min={self.sigma_min}, sigma_max={self.sigma_max} need 0 < min < max"),
             (0 <= self.sampling_eps < 1, f"sedd.sampling_eps={self.sampling_eps} must be in [0, 1)"),
+            (self.predictor in PREDICTORS,
+             f"sedd.predictor={self.predictor!r} must be one of: {', '.join(PREDICTORS)}"),
+            (0 < self.t_min < 1, f"sedd.t_min={self.t_min} must be in (0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -81,6 +89,7 @@ def score_entropy(log_score: torch.Tensor, ratio: torch.Tensor, weight: torch.Te
     return (weight * torch.where(live, terms, torch.zeros_like(terms))).sum(-1)
 
 
+@register
 class SEDD(Method):
     name = "sedd"
     config_class = SEDDConfig
@@ -152,3 +161,16 @@ class SEDD(Method):
         one = torch.ones((), dtype=torch.float64, device=x0.device)
         prior = (self.graph.prior_kl(x0, self.schedule.total_noise(one)) * weights).sum(1)
         return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)
+
+    def sampler(self, cfg):
+        """The SEDD sampler for a SampleConfig (cfg.sampler: '' | analytic | euler)."""
+        from ddlm.sampling.score import ScoreSampler
+
+        predictor = cfg.sampler or self.cfg.predictor
+        if predictor not in PREDICTORS:
+            raise ConfigError(f"unknown sedd sampler {predictor!r}; choose one of: {', '.join(PREDICTORS)}")
+        if cfg.top_k or cfg.top_p < 1.0:
+            raise ConfigError("sedd samplers take --temperature but not top-k/top-p (scores are not "
+                              "a distribution over tokens)")
+        return ScoreSampler(self, steps=cfg.steps, predictor=predictor, t_min=self.cfg.t_min,
+                            temperature=cfg.temperature, stride=cfg.stride)

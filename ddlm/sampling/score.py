@@ -32,13 +32,13 @@ class ScoreSampler:
     """Draws from a SEDD method (its graph, schedule and score parameterisation)."""
 
     def __init__(self, method, *, steps: int = 256, predictor: str = "analytic", t_min: float = 1e-5,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, stride: int = 0) -> None:
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
         if predictor not in PREDICTORS:
             raise ValueError(f"predictor={predictor!r} must be one of: {', '.join(PREDICTORS)}")
         self.method, self.steps, self.predictor, self.t_min = method, steps, predictor, t_min
-        self.temperature = temperature
+        self.temperature, self.stride = temperature, stride
 
     def scores(self, model, z: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
         """(B, L, V) float64 scores s_theta(z), with s_{z} = 1 at the current token."""
@@ -70,7 +70,13 @@ class ScoreSampler:
     def generate(self, model, n: int, length: int, *, prompt: torch.Tensor | None = None,
                  generator: torch.Generator | None = None,
                  template: torch.Tensor | None = None) -> Generation:
-        """(n, Lp + length) tokens; `template` (1 or n, L) fixes its non-MASK positions instead."""
+        """(n, Lp + length) tokens; `template` (1 or n, L) fixes its non-MASK positions instead.
+        Past the model's context, windows slide: each keeps the last context - stride tokens as a
+        prompt and adds `stride` (default context // 2)."""
+        context = getattr(getattr(model, "cfg", None), "max_len", 0)
+        total = length + (0 if prompt is None else prompt.shape[-1])
+        if template is None and context and total > context:
+            return self.generate_long(model, n, length, context, prompt=prompt, generator=generator)
         start = time.perf_counter()
         device = _device(model)
         mask_id = self.method.mask_id
@@ -97,6 +103,24 @@ class ScoreSampler:
             z = torch.where(given, fixed, self.draw(weights, generator))
         z = self.denoise(model, z, sigma_bars[-1].expand(n).to(device), given, fixed, generator)
         return Generation(tokens=z, nfe=self.steps + 1, seconds=time.perf_counter() - start)
+
+    def generate_long(self, model, n: int, length: int, context: int, *, prompt=None,
+                      generator=None) -> Generation:
+        start = time.perf_counter()
+        stride = self.stride or max(1, context // 2)
+        if not 0 < stride <= context:
+            raise ValueError(f"stride={stride} must be in 1..context={context}")
+        out = torch.empty((n, 0), dtype=torch.long, device=_device(model))
+        if prompt is not None:
+            out = prompt.to(out.device).long().reshape(-1, prompt.shape[-1]).expand(n, -1)
+        goal, nfe = out.shape[1] + length, 0
+        while out.shape[1] < goal:
+            keep = out[:, max(0, out.shape[1] - (context - stride)):] if out.shape[1] else None
+            new = min(goal - out.shape[1], context - (0 if keep is None else keep.shape[1]))
+            window = self.generate(model, n, new, prompt=keep, generator=generator)
+            out = torch.cat([out, window.tokens[:, window.tokens.shape[1] - new:]], dim=1)
+            nfe += window.nfe
+        return Generation(tokens=out, nfe=nfe, seconds=time.perf_counter() - start)
 
     def denoise(self, model, z, sigma_bar, given, fixed, generator) -> torch.Tensor:
         """The last analytic step from sigma_bar(t_min) to 0; MASK is never the outcome."""
