@@ -308,3 +308,15 @@ def test_registered_method_trains_evaluates_and_samples_past_the_context(tmp_pat
                      "--prompt", "the", "--out", str(jsonl), "--json"]) == 0
         rows = [json.loads(r) for r in jsonl.read_text().splitlines()]
         assert [len(r["tokens"]) for r in rows] == [43, 43] and all(r["text"].startswith("the") for r in rows)
+
+
+@pytest.mark.parametrize("graph", ["absorbing", "uniform"])
+def test_float32_training_loss_matches_float64(graph):
+    m = sampler_method(graph)
+    model = Transformer(ModelConfig(vocab_size=VOCAB, max_len=8, dim=16, n_layers=1, n_heads=2,
+                                    time_conditioning=True))
+    x0 = torch.randint(0, N, (16, 8), generator=torch.Generator().manual_seed(0))
+    t = torch.linspace(0.01, 0.99, 16, dtype=torch.float64)
+    low, high = (m.token_loss(model, x0, t, torch.Generator().manual_seed(1), dtype=d)
+                 for d in (torch.float32, torch.float64))
+    assert low.dtype == torch.float32 and torch.allclose(low.double(), high, rtol=1e-4, atol=1e-5)

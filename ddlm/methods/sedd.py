@@ -16,6 +16,7 @@ softmax scores, sigma(t) DSE_l equals MDLM's per-token loss w(t) (-log p_theta(x
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -112,39 +113,42 @@ class SEDD(Method):
         u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
         return self.cfg.sampling_eps + (1 - self.cfg.sampling_eps) * u
 
-    def log_score(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
-        """(B, L, V) log s_theta from plain logits, float64; -inf at y = x_t and outside the graph."""
-        log_s = logits.to(torch.float64)
+    def log_score(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
+                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(B, L, V) log s_theta from plain logits in `dtype` (at least float32; logits are upcast);
+        -inf at y = x_t and outside the graph."""
+        log_s = logits.to(torch.promote_types(logits.dtype, dtype))
         if isinstance(self.graph, Absorbing):
-            offset = torch.log(torch.expm1(sigma_bar.to(torch.float64))) + torch.log(
-                torch.tensor(float(self.graph.n_tokens), dtype=torch.float64))
+            offset = torch.log(torch.expm1(sigma_bar.to(log_s.dtype))) + math.log(self.graph.n_tokens)
             log_s = log_s - offset.reshape(-1, *([1] * (log_s.dim() - 1)))
         allowed = self.graph.member.to(log_s.device) & ~torch.nn.functional.one_hot(
             xt, self.vocab_size).bool()
         return log_s.masked_fill(~allowed, float("-inf"))
 
-    def position_dse(self, model, x0: torch.Tensor, xt: torch.Tensor,
-                     sigma_bar: torch.Tensor) -> torch.Tensor:
-        """(B, L) float64 denoising score entropy of every position (0 where no rate flows in)."""
+    def position_dse(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
+                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(B, L) denoising score entropy of every position (0 where no rate flows in), in dtype."""
         sigma = sigma_bar.float() if self.time_conditioned else None
         logits = model(xt, sigma=sigma, mask="bidirectional")  # (B, L, V)
-        log_s = self.log_score(logits, xt, sigma_bar)
-        p = self.graph.transition(x0, sigma_bar[:, None])  # (B, L, V) p_{t|0}(y | x0)
+        log_s = self.log_score(logits, xt, sigma_bar, dtype=dtype)
+        p = self.graph.transition(x0, sigma_bar[:, None], dtype=log_s.dtype)  # (B, L, V) p_{t|0}(y|x0)
         ratio = p / p.gather(-1, xt[..., None])
-        return score_entropy(log_s, ratio, self.graph.rate_into(xt))
+        return score_entropy(log_s, ratio, self.graph.rate_into(xt, dtype=log_s.dtype))
 
-    def token_loss(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
-        """(B, L) float64: sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0), one t per sequence."""
+    def token_loss(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(B, L): sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0), one t per sequence."""
         t = t.to(torch.float64)
         sigma_bar = self.schedule.total_noise(t)
         xt = self.graph.corrupt(x0, sigma_bar[:, None].expand(x0.shape), generator)
-        return self.schedule.rate(t)[:, None] * self.position_dse(model, x0, xt, sigma_bar)
+        rate = self.schedule.rate(t)[:, None]
+        return rate.to(dtype) * self.position_dse(model, x0, xt, sigma_bar, dtype=dtype)
 
     def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
         """Bound estimate with one t per sequence (without the constant prior term)."""
         t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None else t
         weights = torch.ones(x0.shape, device=x0.device) if loss_mask is None else loss_mask.float()
-        nll = self.token_loss(model, x0, t.to(x0.device), generator).float() * weights
+        nll = self.token_loss(model, x0, t.to(x0.device), generator, dtype=torch.float32) * weights
         return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
 
     @torch.no_grad()

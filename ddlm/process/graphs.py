@@ -3,7 +3,7 @@
 Each position evolves independently under the rate matrix sigma(t) Q, so
     p_{t|0}(. | x0) = exp(sigma_bar(t) Q) e_{x0}        (SEDD §3, Q(y, x) = rate from x to y).
 A graph gives, for token tensors of any shape (...,) and total noise sigma_bar broadcastable to it:
-    transition(x0, sb)  (..., V)  p_{t|0}(y | x0)
+    transition(x0, sb)  (..., V)  p_{t|0}(y | x0)                      (float64 unless dtype= says)
     rate_into(xt)       (..., V)  Q(xt, y): the rate from y into xt, per unit sigma (0 at y = xt);
                                   the weight of the score-entropy term of neighbour y (SEDD eq. 9)
     corrupt(x0, sb, g)  (...)     x_t ~ p_{t|0}(. | x0)
@@ -36,10 +36,10 @@ class Graph:
     def _one_hot(self, x: torch.Tensor, dtype) -> torch.Tensor:
         return torch.nn.functional.one_hot(x, self.vocab_size).to(dtype)
 
-    def transition(self, x0: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
+    def transition(self, x0: torch.Tensor, sigma_bar: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         raise NotImplementedError
 
-    def rate_into(self, xt: torch.Tensor) -> torch.Tensor:
+    def rate_into(self, xt: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
         raise NotImplementedError
 
     def prior_kl(self, x0: torch.Tensor, sigma_bar: torch.Tensor) -> torch.Tensor:
@@ -78,16 +78,14 @@ class Absorbing(Graph):
         self.mask_id = mask_id
         self.n_tokens = len(tokens)
 
-    def transition(self, x0, sigma_bar):
-        sb = sigma_bar.to(torch.float64)[..., None]
-        p = self._one_hot(x0, torch.float64) * torch.exp(-sb)
+    def transition(self, x0, sigma_bar, dtype=torch.float64):
+        sb = sigma_bar.to(dtype)[..., None]
+        p = self._one_hot(x0, dtype) * torch.exp(-sb)
         p[..., self.mask_id] = -torch.expm1(-sb[..., 0])
         return p
 
-    def rate_into(self, xt):
-        rate = (xt == self.mask_id)[..., None] & self.member
-        rate = rate.to(torch.float64)
-        rate[..., self.mask_id] = 0.0
+    def rate_into(self, xt, dtype=torch.float64):
+        rate = ((xt == self.mask_id)[..., None] & self._tokens(xt.device)).to(dtype)
         return rate
 
     def prior_kl(self, x0, sigma_bar):
@@ -130,14 +128,14 @@ class Uniform(Graph):
     def __init__(self, vocab_size: int, exclude: tuple[int, ...] = ()) -> None:
         super().__init__(vocab_size, [i for i in range(vocab_size) if i not in exclude])
 
-    def transition(self, x0, sigma_bar):
-        sb = sigma_bar.to(torch.float64)[..., None]
-        spread = -torch.expm1(-sb) / self.n_states * self.member.to(torch.float64)
-        return self._one_hot(x0, torch.float64) * torch.exp(-sb) + spread
+    def transition(self, x0, sigma_bar, dtype=torch.float64):
+        sb = sigma_bar.to(dtype)[..., None]
+        spread = -torch.expm1(-sb) / self.n_states * self.member.to(x0.device, dtype)
+        return self._one_hot(x0, dtype) * torch.exp(-sb) + spread
 
-    def rate_into(self, xt):
-        rate = self.member.to(torch.float64).expand(*xt.shape, self.vocab_size) / self.n_states
-        return rate * (1 - self._one_hot(xt, torch.float64))
+    def rate_into(self, xt, dtype=torch.float64):
+        rate = self.member.to(xt.device, dtype).expand(*xt.shape, self.vocab_size) / self.n_states
+        return rate * (1 - self._one_hot(xt, dtype))
 
     def prior_kl(self, x0, sigma_bar):
         p = self.transition(x0, sigma_bar)
