@@ -3,8 +3,9 @@
     python benchmarks/sampling.py [--quick] [--batch 1,4] [--out benchmarks/results/sampling.json]
 
 Rows: MDLM ancestral at T in {16, 64, 256, 1024} steps with and without the no-change cache;
-MDLM first-hitting (one token per NFE, so NFE = L whatever T); AR with a KV cache and recomputing
-the prefix. Backbone: the quickstart size (d256, 4 layers, 4 heads, char vocab of 30, L = 256),
+MDLM first-hitting (one token per NFE, so NFE = L whatever T); SEDD absorbing with the analytic
+and Euler steps (T + 1 NFE: scores depend on the noise level, so nothing is cached); AR with a KV
+cache and recomputing the prefix. Backbone: the quickstart size (d256, 4 layers, 4 heads, char vocab of 30, L = 256),
 randomly initialised, fp32; all rows share its weights (AR uses it with a causal mask).
 
 Read the cache rows honestly: whether a masked token unmasks in a step depends only on the schedule
@@ -30,7 +31,9 @@ from ddlm.config import ModelConfig
 from ddlm.nn.transformer import Transformer
 from ddlm.process.schedules import LogLinear
 from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
+from ddlm.methods.sedd import SEDD, SEDDConfig
 from ddlm.sampling.ar import ARSampler
+from ddlm.sampling.score import ScoreSampler
 
 VOCAB, BOS, MASK, PAD = 30, 27, 28, 29  # the char tokenizer's layout
 
@@ -63,6 +66,19 @@ def mdlm_rows(model, steps: list[int], batch: int, length: int, seed: int) -> li
     sampler = FirstHittingSampler(schedule=LogLinear(), mask_id=MASK, banned=(PAD,))
     rows.append(measure("mdlm-first-hitting", sampler, model, batch, length, seed, steps=None,
                         cache=False))
+    return rows
+
+
+def sedd_rows(model, steps: list[int], batch: int, length: int, seed: int) -> list[dict]:
+    """SEDD absorbing (the backbone is not time-conditioned here; the cost per call is the same)."""
+    method = SEDD(SEDDConfig(time_conditioning=False), vocab_size=VOCAB, mask_id=MASK, bos_id=BOS,
+                  pad_id=PAD)
+    rows = []
+    for T in steps:
+        for predictor in ("analytic", "euler"):
+            sampler = ScoreSampler(method, steps=T, predictor=predictor)
+            rows.append(measure(f"sedd-{predictor}", sampler, model, batch, length, seed, steps=T,
+                                cache=False))
     return rows
 
 
@@ -109,7 +125,9 @@ def main(argv=None) -> int:
     print(HEADER)
     rows = []
     for batch in batches:
-        rows += mdlm_rows(model, steps, batch, length, args.seed) + ar_rows(model, batch, length, args.seed)
+        rows += mdlm_rows(model, steps, batch, length, args.seed)
+        rows += sedd_rows(model, steps, batch, length, args.seed)
+        rows += ar_rows(model, batch, length, args.seed)
     result = {"benchmark": "sampling", "rows": rows, "total_seconds": time.perf_counter() - start,
               "model": {"dim": 256, "n_layers": 4, "n_heads": 4, "vocab_size": VOCAB,
                         "max_len": length, "init": "random", "dtype": "fp32"},
