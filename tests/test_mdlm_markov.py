@@ -40,9 +40,9 @@ def chain_nll(tokens: np.ndarray, P: np.ndarray, pi: np.ndarray) -> torch.Tensor
     return torch.from_numpy(-(np.log(pi[x[:, 0]]) + np.log(P[x[:, :-1], x[:, 1:]]).sum(1)))
 
 
-def fit(method: str, corpus, out):
+def fit(method: str, corpus, out, options: dict | None = None):
     run = make_config(base={
-        "method": method, "data": {"corpus": str(corpus), "seq_len": 64},
+        "method": method, method: options or {}, "data": {"corpus": str(corpus), "seq_len": 64},
         "model": {"dim": 64, "n_layers": 2, "n_heads": 2},
         "train": {"steps": 400, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 0,
                   "ckpt_every": 0, "progress": False, "ema": 0.0, "dtype": "fp32", "threads": 2}})
