@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from ddlm.errors import ConfigError
 
 class Graph:
     """Base: `vocab_size` ids, of which `states` take part in the process."""
@@ -68,6 +69,7 @@ class Absorbing(Graph):
     incoming rates: Q(m, y) = 1 for every token y. The base is all-MASK up to the mass alpha_1 =
     e^{-sigma_bar(1)} the process leaves unmasked; the bound uses p_base = (1 - alpha_1) MASK +
     alpha_1 Uniform(tokens), whose KL from p_{1|0} is alpha_1 log(n_tokens) (finite for any schedule).
+    Samplers start from all-MASK (`sample_base`), the alpha_1 -> 0 limit of that base.
     """
 
     name = "absorbing"
@@ -85,8 +87,7 @@ class Absorbing(Graph):
         return p
 
     def rate_into(self, xt, dtype=torch.float64):
-        rate = ((xt == self.mask_id)[..., None] & self._tokens(xt.device)).to(dtype)
-        return rate
+        return ((xt == self.mask_id)[..., None] & self._tokens(xt.device)).to(dtype)
 
     def prior_kl(self, x0, sigma_bar):
         alpha1 = torch.exp(-sigma_bar.to(torch.float64))
@@ -164,8 +165,6 @@ GRAPHS = ("absorbing", "uniform")
 
 def build_graph(name: str, vocab_size: int, mask_id: int, exclude: tuple[int, ...] = ()) -> Graph:
     """The graph by name; `exclude` lists ids that never occur (e.g. BOS, PAD)."""
-    from ddlm.errors import ConfigError
-
     if name == "absorbing":
         return Absorbing(vocab_size, mask_id, exclude)
     if name == "uniform":

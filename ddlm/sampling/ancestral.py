@@ -17,14 +17,7 @@ import torch
 
 from ddlm.methods.mdlm import subs_log_probs
 from ddlm.process.schedules import Schedule
-from ddlm.sampling.base import Generation, filter_logits, gumbel_argmax
-
-
-def _device(model, fallback: torch.device | str = "cpu") -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device(fallback)
+from ddlm.sampling.base import Generation, filter_logits, gumbel_argmax, model_device
 
 
 def _rows(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -87,7 +80,7 @@ class MaskedSampler:
         if template is None and context and total > context:
             return self.generate_long(model, n, length, prompt=prompt, generator=generator)
         start = time.perf_counter()
-        z = self.initial_state(n, length, prompt, template, _device(model))
+        z = self.initial_state(n, length, prompt, template, model_device(model))
         z, nfe = self.run(model, z, generator)
         return Generation(tokens=z, nfe=nfe, seconds=time.perf_counter() - start)
 
@@ -111,7 +104,7 @@ class MaskedSampler:
         keep = context - stride
         if not 0 < stride <= context:
             raise ValueError(f"stride={stride} must be in 1..context={context}")
-        out = torch.empty((n, 0), dtype=torch.long, device=_device(model))
+        out = torch.empty((n, 0), dtype=torch.long, device=model_device(model))
         if prompt is not None:
             out = _rows(prompt.to(out.device), n, "prompt")
         goal = out.shape[1] + total_length

@@ -15,6 +15,14 @@ class Generation:
     seconds: float
 
 
+def model_device(model) -> torch.device:
+    """The device of a model's parameters (CPU for a parameterless callable, as in tests)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
 def gumbel_argmax(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw from Cat(softmax(logp)) over the last axis with Gumbel noise in float64.
 

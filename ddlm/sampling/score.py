@@ -16,16 +16,9 @@ import time
 
 import torch
 
-from ddlm.sampling.base import Generation, gumbel_argmax
+from ddlm.sampling.base import Generation, gumbel_argmax, model_device
 
 PREDICTORS = ("analytic", "euler")
-
-
-def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
 
 
 class ScoreSampler:
@@ -78,7 +71,7 @@ class ScoreSampler:
         if template is None and context and total > context:
             return self.generate_long(model, n, length, context, prompt=prompt, generator=generator)
         start = time.perf_counter()
-        device = _device(model)
+        device = model_device(model)
         mask_id = self.method.mask_id
         if template is not None:
             fixed = template.to(device).long().reshape(-1, template.shape[-1]).expand(n, -1)
@@ -110,7 +103,7 @@ class ScoreSampler:
         stride = self.stride or max(1, context // 2)
         if not 0 < stride <= context:
             raise ValueError(f"stride={stride} must be in 1..context={context}")
-        out = torch.empty((n, 0), dtype=torch.long, device=_device(model))
+        out = torch.empty((n, 0), dtype=torch.long, device=model_device(model))
         if prompt is not None:
             out = prompt.to(out.device).long().reshape(-1, prompt.shape[-1]).expand(n, -1)
         goal, nfe = out.shape[1] + length, 0
