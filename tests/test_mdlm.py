@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from ddlm.config import ModelConfig, SampleConfig
 from ddlm.errors import ConfigError
 from ddlm.methods.base import method_class
-from ddlm.methods.mdlm import MDLM, MDLMConfig, stratified_uniform, subs_log_probs
+from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
+from ddlm.methods.noise import stratified_uniform
 from ddlm.nn.transformer import Transformer
 from ddlm.process.schedules import Cosine, Geometric, Linear, LogLinear, build_schedule
 from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler, SemiAutoregressiveSampler

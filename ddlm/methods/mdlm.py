@@ -17,8 +17,7 @@ Discrete-time NELBO with T steps (paper eq. 10), t(i) = i/T, s(i) = (i-1)/T:
     L_T = sum_{i=1..T} E_q [ (alpha_s - alpha_t)/(1 - alpha_t) sum_masked -log x_theta(z_t)[x] ],
 estimated by drawing i uniformly and multiplying by T. L_T decreases to L_inf as T grows.
 
-Time sampling (MDLM code): low-discrepancy u_b = (u + b/B) mod 1 over the batch, then
-t = sampling_eps + (1 - sampling_eps) u, so the estimator averages the integrand over [eps, 1].
+Times are drawn by ddlm/methods/noise.py (low-discrepancy over the batch, in [sampling_eps, 1]).
 """
 from __future__ import annotations
 
@@ -27,28 +26,16 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, register
-from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
+from ddlm.methods.base import LossOutput, Method, NLLBound, register
+from ddlm.methods.noise import NoiseConfig, sample_times, stratified_uniform
 
 SAMPLERS = ("ancestral", "first_hitting")
 
 
 @dataclass
-class MDLMConfig(MethodConfig):
+class MDLMConfig(NoiseConfig):
     """Options of MDLM (`--mdlm.<field>=value`)."""
 
-    schedule: str = "loglinear"
-    """Noise schedule: loglinear | cosine | linear | geometric."""
-    eps: float = 1e-3
-    """Schedule floor: alpha(1) = eps for loglinear, cosine and linear (mask rate reaches 1 - eps)."""
-    sigma_min: float = 1e-4
-    """Geometric schedule only: sigma_bar(0)."""
-    sigma_max: float = 20.0
-    """Geometric schedule only: sigma_bar(1)."""
-    sampling_eps: float = 1e-3
-    """Training/eval times are t = sampling_eps + (1 - sampling_eps) u, u ~ U[0, 1)."""
-    antithetic: bool = True
-    """Low-discrepancy times u_b = (u + b/B) mod 1 across the batch (False: i.i.d.)."""
     time_conditioning: bool = False
     """Give the backbone sigma_bar(t) (adaLN). Disables the sampler's no-change cache."""
     discrete_steps: int = 0
@@ -64,29 +51,13 @@ class MDLMConfig(MethodConfig):
         self.validate()
 
     def validate(self) -> None:
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(message)
-
-        check(self.schedule in SCHEDULES,
-              f"mdlm.schedule={self.schedule!r} must be one of: {', '.join(SCHEDULES)}")
-        check(0 < self.eps < 1, f"mdlm.eps={self.eps} must be in (0, 1)")
-        check(0 < self.sigma_min < self.sigma_max,
-              f"mdlm.sigma_min={self.sigma_min}, sigma_max={self.sigma_max} need 0 < min < max")
-        check(0 <= self.sampling_eps < 1, f"mdlm.sampling_eps={self.sampling_eps} must be in [0, 1)")
-        check(self.discrete_steps >= 0, f"mdlm.discrete_steps={self.discrete_steps} must be >= 0")
-        check(self.sampler in SAMPLERS,
-              f"mdlm.sampler={self.sampler!r} must be one of: {', '.join(SAMPLERS)}")
-        check(0 <= self.t_min < 1, f"mdlm.t_min={self.t_min} must be in [0, 1)")
-        check(self.noise_removal in ("draw", "argmax"),
-              f"mdlm.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'")
-
-
-def schedule_from_config(cfg: MDLMConfig) -> Schedule:
-    """The Schedule named by the config, with its options."""
-    if cfg.schedule == "geometric":
-        return build_schedule("geometric", sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-    return build_schedule(cfg.schedule, eps=cfg.eps)
+        self.check_all("mdlm", [
+            (self.discrete_steps >= 0, f"mdlm.discrete_steps={self.discrete_steps} must be >= 0"),
+            (self.sampler in SAMPLERS, f"mdlm.sampler={self.sampler!r} must be one of: {', '.join(SAMPLERS)}"),
+            (0 <= self.t_min < 1, f"mdlm.t_min={self.t_min} must be in [0, 1)"),
+            (self.noise_removal in ("draw", "argmax"),
+             f"mdlm.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'"),
+        ])
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
@@ -103,14 +74,6 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
     return torch.where((z != mask_id)[..., None], carry, logp)
 
 
-def stratified_uniform(n: int, *, antithetic: bool, generator=None, device=None) -> torch.Tensor:
-    """(n,) float64 in [0, 1): u_b = (u + b/n) mod 1 with one u (antithetic) or n i.i.d. draws."""
-    if not antithetic:
-        return torch.rand(n, dtype=torch.float64, generator=generator, device=device)
-    u = torch.rand(1, dtype=torch.float64, generator=generator, device=device)
-    return torch.remainder(u + torch.arange(n, dtype=torch.float64, device=device) / n, 1.0)
-
-
 @register
 class MDLM(Method):
     name = "mdlm"
@@ -121,7 +84,7 @@ class MDLM(Method):
                  pad_id: int) -> None:
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
         cfg.validate()
-        self.schedule = schedule_from_config(cfg)
+        self.schedule = cfg.build_schedule()
 
     @property
     def time_conditioned(self) -> bool:
@@ -131,11 +94,11 @@ class MDLM(Method):
 
     def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
         """(n,) float64 times: continuous in [sampling_eps, 1], or the grid i/T when discrete."""
-        u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
         T = self.cfg.discrete_steps
         if T:
+            u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
             return (torch.floor(u * T) + 1) / T
-        return self.cfg.sampling_eps + (1 - self.cfg.sampling_eps) * u
+        return sample_times(self.cfg, n, generator=generator, device=device)
 
     def snap_t(self, t: torch.Tensor) -> torch.Tensor:
         """An injected t (B,) as float64; in discrete mode rounded up to the grid i/T, i in 1..T."""

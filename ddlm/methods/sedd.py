@@ -22,31 +22,19 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, register
-from ddlm.methods.mdlm import stratified_uniform
+from ddlm.methods.base import LossOutput, Method, NLLBound, register
+from ddlm.methods.noise import NoiseConfig, sample_times
 from ddlm.process.graphs import GRAPHS, Absorbing, Graph, build_graph
-from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
+from ddlm.process.schedules import Schedule
 from ddlm.sampling.score import PREDICTORS
 
 
 @dataclass
-class SEDDConfig(MethodConfig):
-    """Options of SEDD (`--sedd.<field>=value`)."""
+class SEDDConfig(NoiseConfig):
+    """Options of SEDD (`--sedd.<field>=value`); SEDD's code uses geometric noise for uniform."""
 
     graph: str = "absorbing"
     """Forward process: absorbing (to MASK) | uniform (to any token)."""
-    schedule: str = "loglinear"
-    """Noise schedule: loglinear | cosine | linear | geometric (SEDD uses geometric for uniform)."""
-    eps: float = 1e-3
-    """Schedule floor for loglinear, cosine and linear."""
-    sigma_min: float = 1e-4
-    """Geometric schedule only: sigma_bar(0)."""
-    sigma_max: float = 20.0
-    """Geometric schedule only: sigma_bar(1)."""
-    sampling_eps: float = 1e-3
-    """Training/eval times are t = sampling_eps + (1 - sampling_eps) u, u ~ U[0, 1)."""
-    antithetic: bool = True
-    """Low-discrepancy times across the batch (False: i.i.d., as the SEDD code)."""
     time_conditioning: bool = True
     """Give the backbone sigma_bar(t) (adaLN), as SEDD's DiT does."""
     predictor: str = "analytic"
@@ -58,21 +46,12 @@ class SEDDConfig(MethodConfig):
         self.validate()
 
     def validate(self) -> None:
-        checks = [
+        self.check_all("sedd", [
             (self.graph in GRAPHS, f"sedd.graph={self.graph!r} must be one of: {', '.join(GRAPHS)}"),
-            (self.schedule in SCHEDULES,
-             f"sedd.schedule={self.schedule!r} must be one of: {', '.join(SCHEDULES)}"),
-            (0 < self.eps < 1, f"sedd.eps={self.eps} must be in (0, 1)"),
-            (0 < self.sigma_min < self.sigma_max,
-             f"sedd.sigma_min={self.sigma_min}, sigma_max={self.sigma_max} need 0 < min < max"),
-            (0 <= self.sampling_eps < 1, f"sedd.sampling_eps={self.sampling_eps} must be in [0, 1)"),
             (self.predictor in PREDICTORS,
              f"sedd.predictor={self.predictor!r} must be one of: {', '.join(PREDICTORS)}"),
             (0 < self.t_min < 1, f"sedd.t_min={self.t_min} must be in (0, 1)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        ])
 
 
 def score_entropy(log_score: torch.Tensor, ratio: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -101,17 +80,14 @@ class SEDD(Method):
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
         cfg.validate()
         self.graph: Graph = build_graph(cfg.graph, vocab_size, mask_id)
-        self.schedule: Schedule = (
-            build_schedule("geometric", sigma_min=cfg.sigma_min, sigma_max=cfg.sigma_max)
-            if cfg.schedule == "geometric" else build_schedule(cfg.schedule, eps=cfg.eps))
+        self.schedule: Schedule = cfg.build_schedule()
 
     @property
     def time_conditioned(self) -> bool:
         return self.cfg.time_conditioning
 
     def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
-        u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
-        return self.cfg.sampling_eps + (1 - self.cfg.sampling_eps) * u
+        return sample_times(self.cfg, n, generator=generator, device=device)
 
     def log_score(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
