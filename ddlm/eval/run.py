@@ -11,11 +11,11 @@ from ddlm.errors import DataError
 from ddlm.eval.likelihood import evaluate_likelihood
 
 
-def protocol_text(method: str, cfg: EvalConfig, exact: bool) -> str:
+def protocol_text(method, cfg: EvalConfig, exact: bool) -> str:
     if exact:
         return "exact NLL, every token of each block scored, tokens counted over the split"
-    return (f"{method} bound with {cfg.t_samples} t-sample(s) per sequence, stratified over the "
-            f"batch; every token counted; float64 sums over the split")
+    return (f"{method.name} {method.bound_name} with {cfg.t_samples} t-sample(s) per sequence, "
+            f"stratified over the batch; every token counted; float64 sums over the split")
 
 
 def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = None,
@@ -35,7 +35,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
                                  dtype=dtype, progress=progress)
     return {"method": run.method, "corpus": run.data.corpus, "split": key,
             "tokenizer": run.data.tokenizer, "step": loaded.step, **result.as_dict(),
-            "protocol": protocol_text(run.method, cfg, result.exact), "checkpoint": str(loaded.path)}
+            "protocol": protocol_text(loaded.method, cfg, result.exact), "checkpoint": str(loaded.path)}
 
 
 def checkpoint_info(path) -> dict:

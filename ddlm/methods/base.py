@@ -53,6 +53,7 @@ class Method:
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     attention: ClassVar[str] = "bidirectional"  # mask kind the backbone uses for training
+    bound_name: ClassVar[str] = "exact NLL"  # what nll_bound computes, for reports
 
     def __init__(self, cfg: MethodConfig, *, vocab_size: int, mask_id: int, bos_id: int,
                  pad_id: int) -> None:

@@ -78,6 +78,7 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
 class MDLM(Method):
     name = "mdlm"
     config_class = MDLMConfig
+    bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps)"
     attention = "bidirectional"
 
     def __init__(self, cfg: MDLMConfig, *, vocab_size: int, mask_id: int, bos_id: int,

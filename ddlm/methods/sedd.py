@@ -73,6 +73,7 @@ def score_entropy(log_score: torch.Tensor, ratio: torch.Tensor, weight: torch.Te
 class SEDD(Method):
     name = "sedd"
     config_class = SEDDConfig
+    bound_name = "DSE integral + prior KL (SEDD Thm 3.6)"
     attention = "bidirectional"
 
     def __init__(self, cfg: SEDDConfig, *, vocab_size: int, mask_id: int, bos_id: int,
