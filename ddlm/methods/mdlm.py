@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, Method, NLLBound, register
-from ddlm.methods.noise import NoiseConfig, sample_times, stratified_uniform
+from ddlm.methods.base import register
+from ddlm.methods.noise import DiffusionMethod, NoiseConfig, stratified_uniform
 
 SAMPLERS = ("ancestral", "first_hitting")
 
@@ -75,21 +75,10 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
 
 
 @register
-class MDLM(Method):
+class MDLM(DiffusionMethod):
     name = "mdlm"
     config_class = MDLMConfig
     bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps)"
-    attention = "bidirectional"
-
-    def __init__(self, cfg: MDLMConfig, *, vocab_size: int, mask_id: int, bos_id: int,
-                 pad_id: int) -> None:
-        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
-        cfg.validate()
-        self.schedule = cfg.build_schedule()
-
-    @property
-    def time_conditioned(self) -> bool:
-        return self.cfg.time_conditioning
 
     # ---- time and corruption -------------------------------------------------------------
 
@@ -99,7 +88,7 @@ class MDLM(Method):
         if T:
             u = stratified_uniform(n, antithetic=self.cfg.antithetic, generator=generator, device=device)
             return (torch.floor(u * T) + 1) / T
-        return sample_times(self.cfg, n, generator=generator, device=device)
+        return super().sample_t(n, generator=generator, device=device)
 
     def snap_t(self, t: torch.Tensor) -> torch.Tensor:
         """An injected t (B,) as float64; in discrete mode rounded up to the grid i/T, i in 1..T."""
@@ -148,42 +137,9 @@ class MDLM(Method):
         weight = self.loss_weight(t.to(torch.float64)).to(nll.dtype)[:, None]  # (B, 1)
         return torch.where(masked, weight * nll, torch.zeros_like(nll))
 
-    # ---- Method protocol ------------------------------------------------------------------
-
-    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
-        """NELBO estimate with one t per sequence; loss = sum(token_nll) / counted tokens.
-
-        x0 (B, L); t (B,) injectable (default: stratified draw); loss_mask (B, L) selects counted
-        tokens (default: all). Every token is corrupted; only counted ones enter the sum.
-        """
-        t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None \
-            else self.snap_t(t.to(x0.device))
-        zt = self.corrupt(x0, t, generator)
-        nll = self.token_loss(model, x0, zt, t)
-        weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
-        nll = nll * weights
-        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
-
-    @torch.no_grad()
-    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
-        """Per-sequence NELBO in nats (float64), averaged over n_samples draws of (t, z_t).
-
-        Protocol: one t per sequence per sample; the B * n_samples times are stratified jointly
-        (sample j of sequence b gets u_{jB+b}, so each sequence's n times are also spread over
-        [0, 1)); t = sampling_eps + (1 - sampling_eps) u (or the grid i/T when discrete);
-        log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the AR rule,
-        so both count the same tokens; pass loss_mask = x0 != pad for padded data). `nll` is the
-        mean over samples, so a standard error can be taken across sequences.
-        """
-        B = x0.shape[0]
-        t_all = self.sample_t(B * n_samples, generator=generator, device=x0.device).view(n_samples, B)
-        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
-            else loss_mask.to(torch.float64)
-        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-        for t in t_all:
-            zt = self.corrupt(x0, t, generator)
-            total += (self.token_loss(model, x0, zt, t, dtype=torch.float64) * weights).sum(1)
-        return NLLBound(nll=total / n_samples, tokens=weights.sum(1), exact=False)
+    def sampled_nll(self, model, x0, t, generator=None, *, dtype=torch.float64) -> torch.Tensor:
+        """(B, L) token_loss at z_t ~ q(z_t | x0), one t per sequence."""
+        return self.token_loss(model, x0, self.corrupt(x0, t, generator), t, dtype=dtype)
 
     def sampler(self, cfg):
         """The sampler named by cfg.sampler ('' : mdlm.sampler) configured from a SampleConfig."""

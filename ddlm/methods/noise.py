@@ -1,4 +1,5 @@
-"""What every diffusion method shares: noise-schedule options and the training-time sampler.
+"""What every diffusion method shares: noise-schedule options, time sampling, and the loss and
+Monte-Carlo bound built from one sampled-time term.
 
 Time sampling (MDLM code): low-discrepancy u_b = (u + b/B) mod 1 over the batch, then
 t = sampling_eps + (1 - sampling_eps) u, so the estimator averages its integrand over [eps, 1].
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import MethodConfig
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound
 from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
 
 
@@ -64,3 +65,67 @@ def sample_times(cfg: NoiseConfig, n: int, *, generator=None, device=None) -> to
     """(n,) float64 training/evaluation times in [sampling_eps, 1]."""
     u = stratified_uniform(n, antithetic=cfg.antithetic, generator=generator, device=device)
     return cfg.sampling_eps + (1 - cfg.sampling_eps) * u
+
+
+class DiffusionMethod(Method):
+    """Base of MDLM and SEDD. A subclass defines `sampled_nll`, the (B, L) bound integrand at one
+    time per sequence with x_t drawn inside, and `prior_nll` when its bound has a prior term."""
+
+    attention = "bidirectional"
+
+    def __init__(self, cfg, *, vocab_size: int, mask_id: int, bos_id: int, pad_id: int) -> None:
+        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
+        cfg.validate()
+        self.schedule: Schedule = cfg.build_schedule()
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.cfg.time_conditioning
+
+    def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
+        """(n,) float64 times in [sampling_eps, 1]."""
+        return sample_times(self.cfg, n, generator=generator, device=device)
+
+    def snap_t(self, t: torch.Tensor) -> torch.Tensor:
+        """An injected t (B,) as float64."""
+        return t.to(torch.float64)
+
+    def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) float64 prior term of the bound (none by default)."""
+        return torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)
+
+    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
+        """Bound estimate with one t per sequence (float32, without the constant prior term);
+        loss = sum(token_nll) / counted tokens. t (B,) injectable; loss_mask (B, L) selects the
+        counted tokens (default: all); every token is corrupted."""
+        t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None \
+            else self.snap_t(t.to(x0.device))
+        nll = self.sampled_nll(model, x0, t, generator, dtype=torch.float32)
+        weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
+        nll = nll * weights
+        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
+
+    @torch.no_grad()
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+        """Per-sequence bound in nats (float64), averaged over n_samples draws of (t, x_t), plus
+        the prior term.
+
+        Protocol: one t per sequence per sample; the B * n_samples times are stratified jointly
+        (sample j of sequence b gets u_{jB+b}, so each sequence's n times are also spread over
+        [0, 1)); log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the
+        AR rule, so both count the same tokens; pass loss_mask = x0 != pad for padded data). `nll`
+        is the mean over samples, so a standard error can be taken across sequences.
+        """
+        B = x0.shape[0]
+        t_all = self.sample_t(B * n_samples, generator=generator, device=x0.device).view(n_samples, B)
+        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
+            else loss_mask.to(torch.float64)
+        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
+        for t in t_all:
+            total += (self.sampled_nll(model, x0, t, generator) * weights).sum(1)
+        prior = (self.prior_nll(x0) * weights).sum(1)
+        return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)

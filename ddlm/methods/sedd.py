@@ -22,10 +22,9 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, Method, NLLBound, register
-from ddlm.methods.noise import NoiseConfig, sample_times
+from ddlm.methods.base import register
+from ddlm.methods.noise import DiffusionMethod, NoiseConfig
 from ddlm.process.graphs import GRAPHS, Absorbing, Graph, build_graph
-from ddlm.process.schedules import Schedule
 from ddlm.sampling.score import PREDICTORS
 
 
@@ -70,25 +69,15 @@ def score_entropy(log_score: torch.Tensor, ratio: torch.Tensor, weight: torch.Te
 
 
 @register
-class SEDD(Method):
+class SEDD(DiffusionMethod):
     name = "sedd"
     config_class = SEDDConfig
     bound_name = "DSE integral + prior KL (SEDD Thm 3.6)"
-    attention = "bidirectional"
 
     def __init__(self, cfg: SEDDConfig, *, vocab_size: int, mask_id: int, bos_id: int,
                  pad_id: int) -> None:
         super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
-        cfg.validate()
         self.graph: Graph = build_graph(cfg.graph, vocab_size, mask_id)
-        self.schedule: Schedule = cfg.build_schedule()
-
-    @property
-    def time_conditioned(self) -> bool:
-        return self.cfg.time_conditioning
-
-    def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
-        return sample_times(self.cfg, n, generator=generator, device=device)
 
     def log_score(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -112,8 +101,8 @@ class SEDD(Method):
         ratio = p / p.gather(-1, xt[..., None])
         return score_entropy(log_s, ratio, self.graph.rate_into(xt, dtype=log_s.dtype))
 
-    def token_loss(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
-                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
+                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """(B, L): sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0), one t per sequence."""
         t = t.to(torch.float64)
         sigma_bar = self.schedule.total_noise(t)
@@ -121,27 +110,10 @@ class SEDD(Method):
         rate = self.schedule.rate(t)[:, None]
         return rate.to(dtype) * self.position_dse(model, x0, xt, sigma_bar, dtype=dtype)
 
-    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
-        """Bound estimate with one t per sequence (without the constant prior term)."""
-        t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None else t
-        weights = torch.ones(x0.shape, device=x0.device) if loss_mask is None else loss_mask.float()
-        nll = self.token_loss(model, x0, t.to(x0.device), generator, dtype=torch.float32) * weights
-        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
-
-    @torch.no_grad()
-    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
-        """Per-sequence bound in nats (float64): the DSE integral averaged over n_samples stratified
-        times per sequence (as MDLM's protocol) plus the prior KL at t = 1 of every counted token."""
-        B = x0.shape[0]
-        t_all = self.sample_t(B * n_samples, generator=generator, device=x0.device).view(n_samples, B)
-        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
-            else loss_mask.to(torch.float64)
-        total = torch.zeros(B, dtype=torch.float64, device=x0.device)
-        for t in t_all:
-            total += (self.token_loss(model, x0, t, generator) * weights).sum(1)
+    def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) KL(p_{1|0}(. | x0_l) || p_base) of every position."""
         one = torch.ones((), dtype=torch.float64, device=x0.device)
-        prior = (self.graph.prior_kl(x0, self.schedule.total_noise(one)) * weights).sum(1)
-        return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)
+        return self.graph.prior_kl(x0, self.schedule.total_noise(one))
 
     def sampler(self, cfg):
         """The SEDD sampler for a SampleConfig (cfg.sampler: '' | analytic | euler)."""

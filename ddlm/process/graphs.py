@@ -79,6 +79,8 @@ class Absorbing(Graph):
         super().__init__(vocab_size, tokens + [mask_id])
         self.mask_id = mask_id
         self.n_tokens = len(tokens)
+        self.tokens = self.member.clone()
+        self.tokens[mask_id] = False
 
     def transition(self, x0, sigma_bar, dtype=torch.float64):
         sb = sigma_bar.to(dtype)[..., None]
@@ -87,28 +89,23 @@ class Absorbing(Graph):
         return p
 
     def rate_into(self, xt, dtype=torch.float64):
-        return ((xt == self.mask_id)[..., None] & self._tokens(xt.device)).to(dtype)
+        return ((xt == self.mask_id)[..., None] & self.tokens.to(xt.device)).to(dtype)
 
     def prior_kl(self, x0, sigma_bar):
         alpha1 = torch.exp(-sigma_bar.to(torch.float64))
         return (alpha1 * math.log(self.n_tokens)).expand(x0.shape)
 
-    def _tokens(self, device) -> torch.Tensor:
-        tokens = self.member.to(device).clone()
-        tokens[self.mask_id] = False
-        return tokens
-
     def exp_apply(self, v, a):
         # column z of exp(aQ): e^{-a} at z and 1 - e^{-a} at MASK for a token z; MASK stays MASK
         a = a.to(v.dtype)[..., None]
-        tokens = self._tokens(v.device)
+        tokens = self.tokens.to(v.device)
         out = torch.where(tokens, v * torch.exp(-a), torch.zeros_like(v))
         out[..., self.mask_id] = v[..., self.mask_id] - torch.expm1(-a[..., 0]) * (v * tokens).sum(-1)
         return out
 
     def exp_into(self, xt, a):
         a = a.to(torch.float64)[..., None]
-        into_mask = -torch.expm1(-a) * self._tokens(xt.device) \
+        into_mask = -torch.expm1(-a) * self.tokens.to(xt.device) \
             + self._one_hot(torch.full_like(xt, self.mask_id), torch.float64)
         stay = self._one_hot(xt, torch.float64) * torch.exp(-a)
         return torch.where((xt == self.mask_id)[..., None], into_mask, stay)

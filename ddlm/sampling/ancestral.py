@@ -17,7 +17,7 @@ import torch
 
 from ddlm.methods.mdlm import subs_log_probs
 from ddlm.process.schedules import Schedule
-from ddlm.sampling.base import Generation, filter_logits, gumbel_argmax, model_device
+from ddlm.sampling.base import Generation, filter_logits, gumbel_argmax, model_device, slide_windows
 
 
 def _rows(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -98,25 +98,17 @@ class MaskedSampler:
         clean prefix and generate `stride` new ones after them. Returns (n, Lp + total_length)
         tokens; nfe sums every window's.
         """
-        start = time.perf_counter()
         context = context or model.cfg.max_len
-        stride = stride or self.stride or max(1, context // 2)
-        keep = context - stride
-        if not 0 < stride <= context:
-            raise ValueError(f"stride={stride} must be in 1..context={context}")
-        out = torch.empty((n, 0), dtype=torch.long, device=model_device(model))
-        if prompt is not None:
-            out = _rows(prompt.to(out.device), n, "prompt")
-        goal = out.shape[1] + total_length
-        nfe = 0
-        while out.shape[1] < goal:
-            prefix = out[:, max(0, out.shape[1] - keep):] if out.shape[1] else None
-            new = min(goal - out.shape[1], context - (prefix.shape[1] if prefix is not None else 0))
-            z = self.initial_state(n, new, prefix, None, out.device)
-            z, used = self.run(model, z, generator)
-            out = torch.cat([out, z[:, z.shape[1] - new:]], dim=1)
-            nfe += used
-        return Generation(tokens=out, nfe=nfe, seconds=time.perf_counter() - start)
+        device = model_device(model)
+        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
+            else _rows(prompt.to(device), n, "prompt")
+
+        def window(prefix, new):
+            z, used = self.run(model, self.initial_state(n, new, prefix, None, device), generator)
+            return z[:, z.shape[1] - new:], used
+
+        return slide_windows(window, start, total_length, context,
+                             stride or self.stride or max(1, context // 2))
 
 
 class AncestralSampler(MaskedSampler):

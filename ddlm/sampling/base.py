@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import time
+from typing import Callable
+
 import torch
 
 
@@ -21,6 +24,27 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
+
+
+def slide_windows(window: Callable[[torch.Tensor | None, int], tuple[torch.Tensor, int]],
+                  start: torch.Tensor, length: int, context: int, stride: int) -> Generation:
+    """Semi-autoregressive generation past the context (MDLM §4.3-style sliding window).
+
+    From the prompt rows `start` (n, Lp), repeatedly keep the last (context - stride) tokens as a
+    clean prefix (None when there is none yet) and call window(prefix, new) for the next `new`
+    tokens, (n, new), and its NFE. Returns (n, Lp + length) tokens; nfe sums every window's.
+    """
+    begin = time.perf_counter()
+    if not 0 < stride <= context:
+        raise ValueError(f"stride={stride} must be in 1..context={context}")
+    keep = context - stride
+    out, goal, nfe = start, start.shape[1] + length, 0
+    while out.shape[1] < goal:
+        prefix = out[:, max(0, out.shape[1] - keep):] if out.shape[1] else None
+        new = min(goal - out.shape[1], context - (0 if prefix is None else prefix.shape[1]))
+        tokens, used = window(prefix, new)
+        out, nfe = torch.cat([out, tokens], dim=1), nfe + used
+    return Generation(tokens=out, nfe=nfe, seconds=time.perf_counter() - begin)
 
 
 def gumbel_argmax(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

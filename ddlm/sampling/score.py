@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ddlm.sampling.base import Generation, gumbel_argmax, model_device
+from ddlm.sampling.base import Generation, gumbel_argmax, model_device, slide_windows
 
 PREDICTORS = ("analytic", "euler")
 
@@ -99,21 +99,15 @@ class ScoreSampler:
 
     def generate_long(self, model, n: int, length: int, context: int, *, prompt=None,
                       generator=None) -> Generation:
-        start = time.perf_counter()
-        stride = self.stride or max(1, context // 2)
-        if not 0 < stride <= context:
-            raise ValueError(f"stride={stride} must be in 1..context={context}")
-        out = torch.empty((n, 0), dtype=torch.long, device=model_device(model))
+        start = torch.empty((n, 0), dtype=torch.long, device=model_device(model))
         if prompt is not None:
-            out = prompt.to(out.device).long().reshape(-1, prompt.shape[-1]).expand(n, -1)
-        goal, nfe = out.shape[1] + length, 0
-        while out.shape[1] < goal:
-            keep = out[:, max(0, out.shape[1] - (context - stride)):] if out.shape[1] else None
-            new = min(goal - out.shape[1], context - (0 if keep is None else keep.shape[1]))
-            window = self.generate(model, n, new, prompt=keep, generator=generator)
-            out = torch.cat([out, window.tokens[:, window.tokens.shape[1] - new:]], dim=1)
-            nfe += window.nfe
-        return Generation(tokens=out, nfe=nfe, seconds=time.perf_counter() - start)
+            start = prompt.to(start.device).long().reshape(-1, prompt.shape[-1]).expand(n, -1)
+
+        def window(prefix, new):
+            out = self.generate(model, n, new, prompt=prefix, generator=generator)
+            return out.tokens[:, out.tokens.shape[1] - new:], out.nfe
+
+        return slide_windows(window, start, length, context, self.stride or max(1, context // 2))
 
     def denoise(self, model, z, sigma_bar, given, fixed, generator) -> torch.Tensor:
         """The last analytic step from sigma_bar(t_min) to 0; MASK is never the outcome."""
