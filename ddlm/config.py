@@ -255,9 +255,10 @@ class RunConfig:
         options = d.pop(method, {}) or {}
         from ddlm.methods.base import method_names
 
-        for key in d:
-            if key in method_names():
-                raise ConfigError(f"options of method {key!r} (--{key}.*) do not apply to method {method!r}")
+        key = next(iter(d), None)
+        if key in method_names():
+            raise ConfigError(f"options of method {key!r} (--{key}.*) do not apply to method {method!r}")
+        if key is not None:
             raise ConfigError(f"unknown config section {key!r}; expected one of: "
                               f"method, {', '.join(SECTIONS)}, {method}")
         return cls(method=method, method_options=options, **sections)

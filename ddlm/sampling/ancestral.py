@@ -17,15 +17,8 @@ import torch
 
 from ddlm.methods.mdlm import subs_log_probs
 from ddlm.process.schedules import Schedule
-from ddlm.sampling.base import Generation, filter_logits, gumbel_argmax, model_device, slide_windows
-
-
-def _rows(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
-    """(1 or n, K) or (K,) -> (n, K) int64."""
-    x = x.long().reshape(-1, x.shape[-1])
-    if x.shape[0] not in (1, n):
-        raise ValueError(f"{what} has {x.shape[0]} rows; expected 1 or n={n}")
-    return x.expand(n, -1).clone()
+from ddlm.sampling.base import (Generation, expand_rows, filter_logits, gumbel_argmax, model_device,
+                                slide_windows)
 
 
 class MaskedSampler:
@@ -63,10 +56,10 @@ class MaskedSampler:
         if prompt is not None and template is not None:
             raise ValueError("give a prompt or a template, not both")
         if template is not None:
-            return _rows(template.to(device), n, "template")
+            return expand_rows(template.to(device), n, "template")
         z = torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
         if prompt is not None:
-            z = torch.cat([_rows(prompt.to(device), n, "prompt"), z], dim=1)
+            z = torch.cat([expand_rows(prompt.to(device), n, "prompt"), z], dim=1)
         return z
 
     @torch.no_grad()
@@ -101,7 +94,7 @@ class MaskedSampler:
         context = context or model.cfg.max_len
         device = model_device(model)
         start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
-            else _rows(prompt.to(device), n, "prompt")
+            else expand_rows(prompt.to(device), n, "prompt")
 
         def window(prefix, new):
             z, used = self.run(model, self.initial_state(n, new, prefix, None, device), generator)

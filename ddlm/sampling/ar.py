@@ -6,7 +6,7 @@ import time
 import torch
 
 from ddlm.errors import DataError
-from ddlm.sampling.base import Generation, filter_logits, gumbel_argmax
+from ddlm.sampling.base import Generation, expand_rows, filter_logits, gumbel_argmax
 
 
 class ARSampler:
@@ -30,9 +30,8 @@ class ARSampler:
         start = time.perf_counter()
         device = next(model.parameters()).device
         context = model.cfg.max_len
-        out = torch.empty((n, 0), dtype=torch.long, device=device)
-        if prompt is not None:
-            out = prompt.to(device).long().reshape(-1, prompt.shape[-1]).expand(n, -1)
+        out = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
+            else expand_rows(prompt.to(device), n, "prompt")
         if out.shape[1] >= context:
             raise DataError(f"prompt ({out.shape[1]} tokens) leaves no room in the model's context of "
                             f"{context} tokens")

@@ -26,6 +26,14 @@ def model_device(model) -> torch.device:
         return torch.device("cpu")
 
 
+def expand_rows(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """(1 or n, K) or (K,) -> (n, K) int64: a prompt or template given once or per sample."""
+    x = x.long().reshape(-1, x.shape[-1])
+    if x.shape[0] not in (1, n):
+        raise ValueError(f"{what} has {x.shape[0]} rows; expected 1 or n={n}")
+    return x.expand(n, -1).clone()
+
+
 def slide_windows(window: Callable[[torch.Tensor | None, int], tuple[torch.Tensor, int]],
                   start: torch.Tensor, length: int, context: int, stride: int) -> Generation:
     """Semi-autoregressive generation past the context (MDLM §4.3-style sliding window).

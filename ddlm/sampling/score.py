@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from ddlm.sampling.base import Generation, gumbel_argmax, model_device, slide_windows
+from ddlm.sampling.base import Generation, expand_rows, gumbel_argmax, model_device, slide_windows
 
 PREDICTORS = ("analytic", "euler")
 
@@ -74,12 +74,11 @@ class ScoreSampler:
         device = model_device(model)
         mask_id = self.method.mask_id
         if template is not None:
-            fixed = template.to(device).long().reshape(-1, template.shape[-1]).expand(n, -1)
+            fixed = expand_rows(template.to(device), n, "template")
         else:
-            lp = 0 if prompt is None else prompt.shape[-1]
-            fixed = torch.full((n, lp + length), mask_id, dtype=torch.long, device=device)
+            fixed = torch.full((n, length), mask_id, dtype=torch.long, device=device)
             if prompt is not None:
-                fixed[:, :lp] = prompt.to(device).long().reshape(-1, lp)
+                fixed = torch.cat([expand_rows(prompt.to(device), n, "prompt"), fixed], dim=1)
         given = fixed != mask_id
         z = self.method.graph.sample_base(fixed.shape, generator=generator, device=device)
         z = torch.where(given, fixed, z)
@@ -99,9 +98,9 @@ class ScoreSampler:
 
     def generate_long(self, model, n: int, length: int, context: int, *, prompt=None,
                       generator=None) -> Generation:
-        start = torch.empty((n, 0), dtype=torch.long, device=model_device(model))
-        if prompt is not None:
-            start = prompt.to(start.device).long().reshape(-1, prompt.shape[-1]).expand(n, -1)
+        device = model_device(model)
+        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
+            else expand_rows(prompt.to(device), n, "prompt")
 
         def window(prefix, new):
             out = self.generate(model, n, new, prompt=prefix, generator=generator)
