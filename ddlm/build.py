@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from ddlm import runtime
+from ddlm.checkpoint import load_checkpoint
 from ddlm.config import RunConfig
 from ddlm.data import BlockDataset, Tokenizer, build_datasets, build_tokenizer, load_corpus, tokenizer_from_dict
 from ddlm.errors import CheckpointError
 from ddlm.methods.base import Method, method_class
-from ddlm.nn.transformer import Transformer
 
 
 def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None
@@ -31,7 +31,7 @@ def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None
 def build_method(run: RunConfig, tokenizer: Tokenizer) -> Method:
     cls = method_class(run.method)
     return cls(run.method_options, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
-               bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id)
+               bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id, context=run.data.seq_len)
 
 
 def complete_model_config(run: RunConfig, method: Method, vocab_size: int) -> RunConfig:
@@ -41,10 +41,6 @@ def complete_model_config(run: RunConfig, method: Method, vocab_size: int) -> Ru
     return dataclasses.replace(run, model=model)
 
 
-def build_model(run: RunConfig) -> Transformer:
-    return Transformer(run.model)
-
-
 @dataclass
 class Loaded:
     """A model ready for evaluation or sampling."""
@@ -52,14 +48,14 @@ class Loaded:
     run: RunConfig
     tokenizer: Tokenizer
     method: Method
-    model: Transformer
+    model: torch.nn.Module
     path: Path
     step: int
 
 
 def load_for_inference(path: str | Path, device: torch.device | None = None) -> Loaded:
     """Rebuild the run from a checkpoint directory and load its inference weights."""
-    from ddlm.train.checkpoint import load_checkpoint
+    from ddlm.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
@@ -68,7 +64,7 @@ def load_for_inference(path: str | Path, device: torch.device | None = None) -> 
         raise CheckpointError(f"checkpoint '{ckpt.path}' has model vocab {run.model.vocab_size} but its "
                               f"tokenizer has {tokenizer.vocab_size}")
     method = build_method(run, tokenizer)
-    model = build_model(run)
+    model = method.build_model(run.model)
     try:
         missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
     except RuntimeError as err:  # shape mismatch

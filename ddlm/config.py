@@ -21,6 +21,9 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+BLOCKS = ("auto", "plain", "gated")
+
+
 @dataclass
 class ModelConfig:
     """The transformer backbone shared by every method."""
@@ -37,8 +40,11 @@ class ModelConfig:
     """Dropout on attention and residual branches."""
     rope_base: float = 10000.0
     """Base of the rotary position frequencies."""
+    block: str = "auto"
+    """auto (the method's default: gated for diffusion, plain for AR) | plain (pre-norm) |
+    gated (adaLN-zero: zero-initialised gates, a learned constant when the noise is not fed in)."""
     cond_dim: int = 128
-    """Width of the noise-level embedding (used only by time-conditioned methods)."""
+    """Width of the noise-level embedding (gated or time-conditioned blocks)."""
     vocab_size: int = 0
     """Set from the tokenizer; 0 until then."""
     max_len: int = 0
@@ -56,6 +62,7 @@ class ModelConfig:
                f"head size dim/n_heads={self.dim // self.n_heads} must be even for rotary positions")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be positive")
+        _check(self.block in BLOCKS, f"model.block={self.block!r} must be one of: {', '.join(BLOCKS)}")
 
     @property
     def head_dim(self) -> int:
@@ -189,9 +196,14 @@ class SampleConfig:
     top_p: float = 1.0
     """Nucleus sampling mass (1: off)."""
     sampler: str = ""
-    """Sampler name ('' : the method's default)."""
+    """Sampler name ('' : the method's default; mdlm: ancestral | first_hitting, sedd: analytic |
+    euler)."""
     cache: bool = True
     """Use the method's cache (AR: KV cache; MDLM: no-change cache)."""
+    t_min: float = 1e-5
+    """Diffusion samplers: last time of the grid linspace(1, t_min, steps + 1)."""
+    noise_removal: str = "draw"
+    """MDLM ancestral: tokens still masked at t_min are drawn (a step to t = 0) | argmax."""
     seed: int = 0
     """Seed of the sampling noise."""
     batch_size: int = 16
@@ -209,6 +221,9 @@ class SampleConfig:
         _check(0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1]")
         _check(self.batch_size >= 1, f"sample.batch_size={self.batch_size} must be >= 1")
         _check(self.stride >= 0, f"sample.stride={self.stride} must be >= 0")
+        _check(0 < self.t_min < 1, f"sample.t_min={self.t_min} must be in (0, 1)")
+        _check(self.noise_removal in ("draw", "argmax"),
+               f"sample.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
@@ -231,7 +246,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         from ddlm.methods.base import method_class
 
-        cls = method_class(self.method).config_class
+        method = method_class(self.method)
+        if self.model.block == "auto":
+            self.model = dataclasses.replace(self.model, block=method.default_block)
+        cls = method.config_class
         if self.method_options is None:
             self.method_options = cls()
         elif isinstance(self.method_options, dict):

@@ -2,9 +2,14 @@
 import torch
 
 from ddlm.config import ModelConfig
+from ddlm.methods.ar import AR, ARConfig
 from ddlm.nn.transformer import Transformer
 from ddlm.sampling.ar import ARSampler
 from ddlm.sampling.base import filter_logits, gumbel_argmax
+
+
+def ar(context: int) -> AR:
+    return AR(ARConfig(), vocab_size=13, mask_id=11, bos_id=12, pad_id=10, context=context)
 
 
 def test_cached_equals_uncached_sampling():
@@ -14,7 +19,7 @@ def test_cached_equals_uncached_sampling():
     outs = []
     for use_cache in (True, False):
         g = torch.Generator().manual_seed(123)
-        outs.append(ARSampler(bos_id=12, use_cache=use_cache, top_p=0.95).generate(
+        outs.append(ARSampler(ar(40), use_cache=use_cache, top_p=0.95, banned=()).generate(
             model, 4, 30, prompt=prompt, generator=g))
     assert torch.equal(outs[0].tokens, outs[1].tokens)
     assert outs[0].tokens.shape == (4, 33) and torch.equal(outs[0].tokens[:, :3], prompt.expand(4, 3))
@@ -58,8 +63,8 @@ def test_generation_past_the_context_slides_a_window():
     spy = Spy()
     spy.dummy = torch.nn.Parameter(torch.zeros(1))
     prompt = torch.tensor([1, 2, 3])
-    out = ARSampler(bos_id=12).generate(spy, 2, 20, prompt=prompt, stride=3,
-                                        generator=torch.Generator().manual_seed(0))
+    out = ARSampler(ar(8), stride=3, banned=()).generate(spy, 2, 20, prompt=prompt,
+                                                         generator=torch.Generator().manual_seed(0))
     assert out.tokens.shape == (2, 23) and torch.equal(out.tokens[:, :3], prompt.expand(2, 3))
     assert all(p.shape[1] <= 8 and (p[:, 0] == 12).all() for p in prefills)
     # first window: BOS + prompt; each later one: BOS + the last 8 - 3 tokens generated so far
@@ -70,8 +75,20 @@ def test_generation_past_the_context_slides_a_window():
         done += 3
     assert done >= 23 and out.nfe == 20
     try:
-        ARSampler(bos_id=12).generate(model, 1, 4, prompt=torch.arange(8) % 12)
+        ARSampler(ar(8)).generate(model, 1, 4, prompt=torch.arange(8) % 12)
     except Exception as err:
         assert "leaves no room" in str(err)
     else:
         raise AssertionError("a prompt filling the context must be refused")
+
+
+def test_ar_refuses_a_template():
+    from ddlm.errors import ConfigError
+
+    model = Transformer(ModelConfig(vocab_size=13, max_len=8, dim=32, n_layers=1, n_heads=2)).eval()
+    try:
+        ARSampler(ar(8)).generate(model, 1, 4, template=torch.tensor([[1, 11, 2]]))
+    except ConfigError as err:
+        assert "cannot fill a template" in str(err)
+    else:
+        raise AssertionError("AR must refuse a template instead of ignoring it")

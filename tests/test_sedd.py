@@ -64,7 +64,7 @@ class ExactScores:
         self.graph, self.n_tokens, self.sigma_bar = graph, n_tokens, None
 
     def __call__(self, z, *, sigma=None, mask=None, **_):
-        sigma_bar = self.sigma_bar if self.sigma_bar is not None else sigma.double()
+        sigma_bar = self.sigma_bar if self.sigma_bar is not None else sigma.double().reshape(len(z))
         T = marginal_table(self.graph, sigma_bar)  # (B, 4, 4)
         rows = torch.arange(len(z))
         here = T[rows, z[:, 0], z[:, 1]][:, None]  # (B, 1)
@@ -97,7 +97,7 @@ def exact_bound(m: SEDD, graph: str, n_nodes: int) -> torch.Tensor:
     sigma_bar = m.schedule.total_noise(tt)
     model = ExactScores(graph, m.graph.n_tokens if graph == "absorbing" else N)
     model.sigma_bar = sigma_bar
-    dse = m.position_dse(model, x0, zt, sigma_bar).sum(1)  # (S Q Z,)
+    dse = m.position_dse(model, x0, zt, tt[:, None]).sum(1)  # (S Q Z,)
     K = kernel(graph, sigma_bar)
     rows = torch.arange(len(x0))
     q = K[rows, zt[:, 0], x0[:, 0]] * K[rows, zt[:, 1], x0[:, 1]]  # q(z_t | x0)
@@ -134,7 +134,7 @@ def test_absorbing_sedd_equals_mdlm_per_token_loss():
     t = torch.rand(B, generator=g, dtype=torch.float64) * 0.98 + 0.01
     sedd = SEDD(SEDDConfig(time_conditioning=False), vocab_size=V, mask_id=mask, bos_id=0, pad_id=0)
     mdlm = MDLM(MDLMConfig(), vocab_size=V, mask_id=mask, bos_id=0, pad_id=0)
-    zt = mdlm.corrupt(x0, t, g)
+    zt = mdlm.corrupt(x0, t[:, None], g)
     sub = logits.clone()
     sub[..., mask] = float("-inf")
     normalised = torch.log_softmax(sub, -1) + math.log(V - 1)  # scores p / expm1 after the offset
@@ -142,9 +142,8 @@ def test_absorbing_sedd_equals_mdlm_per_token_loss():
     def as_model(out):
         return lambda z, **_: out
 
-    sb = sedd.schedule.total_noise(t)
-    ours = sedd.schedule.rate(t)[:, None] * sedd.position_dse(as_model(normalised), x0, zt, sb)
-    theirs = mdlm.token_loss(as_model(logits), x0, zt, t, dtype=torch.float64)
+    ours = sedd.schedule.rate(t)[:, None] * sedd.position_dse(as_model(normalised), x0, zt, t[:, None])
+    theirs = mdlm.token_loss(as_model(logits), x0, zt, t[:, None], dtype=torch.float64)
     assert (zt == mask).any() and (zt != mask).any()
     assert torch.allclose(ours, theirs, rtol=1e-9, atol=1e-12)
 
@@ -230,7 +229,7 @@ class ExactScores1:
         self.p = JOINT.sum(1)
 
     def __call__(self, z, *, sigma=None, mask=None, **_):
-        sb = sigma.double()
+        sb = sigma.double().reshape(len(z))
         pt = torch.einsum("byx,x->by", kernel(self.graph, sb)[:, :, :N], self.p)  # (B, 4)
         log_s = (pt / pt.gather(1, z)).log()[:, None, :]  # (B, 1, 4)
         if self.graph == "absorbing":
@@ -317,6 +316,6 @@ def test_float32_training_loss_matches_float64(graph):
                                     time_conditioning=True))
     x0 = torch.randint(0, N, (16, 8), generator=torch.Generator().manual_seed(0))
     t = torch.linspace(0.01, 0.99, 16, dtype=torch.float64)
-    low, high = (m.sampled_nll(model, x0, t, torch.Generator().manual_seed(1), dtype=d)
+    low, high = (m.sampled_nll(model, x0, t[:, None], torch.Generator().manual_seed(1), dtype=d)
                  for d in (torch.float32, torch.float64))
     assert low.dtype == torch.float32 and torch.allclose(low.double(), high, rtol=1e-4, atol=1e-5)

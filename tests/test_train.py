@@ -62,7 +62,7 @@ def test_corrupt_and_truncated_checkpoints_are_one_line(tmp_path):
 
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    import ddlm.train.checkpoint as ck
+    import ddlm.checkpoint as ck
 
     run = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "4", "train.ckpt_every": "2"})
     real = ck.save_file

@@ -7,7 +7,7 @@ import json
 from ddlm import runtime
 from ddlm.build import load_for_inference, prepare_data
 from ddlm.config import EvalConfig, section_config
-from ddlm.errors import DataError
+from ddlm.errors import ConfigError, DataError
 from ddlm.eval.likelihood import evaluate_likelihood
 
 
@@ -22,6 +22,8 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
                         overrides: list[str] | None = None, progress: bool = False) -> dict:
     loaded = load_for_inference(path)
     run = loaded.run
+    if not loaded.method.has_likelihood:
+        raise ConfigError(f"no likelihood for method {run.method!r}: it defines no bound to evaluate")
     if data:
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, corpus=data))
     cfg = section_config(run.eval, "eval", {"split": split}, overrides or [])

@@ -23,18 +23,24 @@ class AR(Method):
     name = "ar"
     config_class = ARConfig
     attention = "causal"
+    samplers = ("ancestral",)
 
     def shifted_input(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L): BOS followed by all tokens but the last."""
         bos = torch.full_like(x0[:, :1], self.bos_id)
         return torch.cat([bos, x0[:, :-1]], dim=1)
 
+    def logits(self, model, tokens: torch.Tensor, *, cache=None) -> torch.Tensor:
+        """The one network call: next-token logits (B, L, V) under the causal mask; with a KV
+        cache the tokens continue the cached prefix."""
+        return model(tokens, mask="causal", cache=cache)
+
     def token_nll(self, model, x0: torch.Tensor) -> torch.Tensor:
         """(B, L) float32: -log p(x_i | x_<i) in nats."""
-        logits = model(self.shifted_input(x0), mask="causal")  # (B, L, V)
-        return F.cross_entropy(logits.transpose(1, 2), x0, reduction="none")
+        logits = self.logits(model, self.shifted_input(x0))  # (B, L, V)
+        return F.cross_entropy(logits.float().transpose(1, 2), x0, reduction="none")
 
-    def loss(self, model, x0, *, t=None, loss_mask=None) -> LossOutput:
+    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
         nll = self.token_nll(model, x0)
         weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
         nll = nll * weights
@@ -48,6 +54,6 @@ class AR(Method):
     def sampler(self, cfg):
         from ddlm.sampling.ar import ARSampler
 
-        return ARSampler(bos_id=self.bos_id, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, use_cache=cfg.cache, banned=(self.mask_id, self.pad_id),
-                         stride=cfg.stride)
+        self.sampler_name(cfg)
+        return ARSampler(self, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                         use_cache=cfg.cache, stride=cfg.stride)

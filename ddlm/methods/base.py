@@ -1,8 +1,17 @@
 """The Method protocol: one file of math per method, registered by name.
 
 A method owns the corruption process, the parameterisation of the backbone's logits, the loss
-weighting, the likelihood bound and its default sampler. Shared code (trainer, evaluator, CLI) only
-ever talks to this interface.
+weighting, the likelihood bound, the model it trains and its samplers. Shared code (trainer,
+evaluator, CLI, samplers) only ever talks to this interface:
+
+    build_model(model_cfg) -> nn.Module        the one Transformer by default; a method may return a
+                                               composite whose frozen parts (requires_grad=False)
+                                               the trainer leaves out of the optimizer and EMA
+    loss(model, x0, *, t=None, loss_mask=None) -> LossOutput
+    nll_bound(model, x0, *, n_samples, loss_mask, generator) -> NLLBound   (if has_likelihood)
+    sampler(sample_cfg) -> Sampler             options chosen at sample time
+and one network call that the loss, the bound and every sampler go through (MDLM: log_x_theta,
+SEDD: log_score, AR: logits). Times are per position: (B,), (B, K) with K dividing L, or (B, L).
 """
 from __future__ import annotations
 
@@ -54,14 +63,24 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     attention: ClassVar[str] = "bidirectional"  # mask kind the backbone uses for training
     bound_name: ClassVar[str] = "exact NLL"  # what nll_bound computes, for reports
+    has_likelihood: ClassVar[bool] = True  # False: nll_bound is not defined (eval refuses)
+    default_block: ClassVar[str] = "plain"  # backbone block when model.block is auto
+    samplers: ClassVar[tuple[str, ...]] = ()  # sampler names; the first is the default
 
     def __init__(self, cfg: MethodConfig, *, vocab_size: int, mask_id: int, bos_id: int,
-                 pad_id: int) -> None:
+                 pad_id: int, context: int = 0) -> None:
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.mask_id = mask_id
         self.bos_id = bos_id
         self.pad_id = pad_id
+        self.context = context  # the model's context length (0: unknown, no sliding window)
+
+    def build_model(self, model_cfg: Any) -> torch.nn.Module:
+        """The network this method trains (default: the one Transformer)."""
+        from ddlm.nn.transformer import Transformer
+
+        return Transformer(model_cfg)
 
     @property
     def time_conditioned(self) -> bool:
@@ -69,7 +88,8 @@ class Method:
         return False
 
     def loss(self, model: Callable, x0: torch.Tensor, *, t: torch.Tensor | None = None,
-             loss_mask: torch.Tensor | None = None) -> LossOutput:
+             loss_mask: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> LossOutput:
         raise NotImplementedError
 
     def nll_bound(self, model: Callable, x0: torch.Tensor, *, n_samples: int = 1,
@@ -78,8 +98,15 @@ class Method:
         raise NotImplementedError
 
     def sampler(self, cfg: Any):
-        """The method's default sampler for a SampleConfig."""
+        """The sampler a SampleConfig names (cfg.sampler '' : the method's default)."""
         raise NotImplementedError
+
+    def sampler_name(self, cfg: Any) -> str:
+        """cfg.sampler, or the default; an unknown name is a one-line ConfigError."""
+        name = cfg.sampler or self.samplers[0]
+        if name not in self.samplers:
+            raise ConfigError(f"unknown {self.name} sampler {name!r}; choose one of: {', '.join(self.samplers)}")
+        return name
 
 
 _REGISTRY: dict[str, type[Method]] = {}

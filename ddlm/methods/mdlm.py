@@ -17,35 +17,30 @@ Discrete-time NELBO with T steps (paper eq. 10), t(i) = i/T, s(i) = (i-1)/T:
     L_T = sum_{i=1..T} E_q [ (alpha_s - alpha_t)/(1 - alpha_t) sum_masked -log x_theta(z_t)[x] ],
 estimated by drawing i uniformly and multiplying by T. L_T decreases to L_inf as T grows.
 
-Times are drawn by ddlm/methods/noise.py (low-discrepancy over the batch, in [sampling_eps, 1]).
+The bound adds the prior term KL(q(z_1 | x) || p_base) per token, with the absorbing graph's base
+p_base = (1 - alpha_1) MASK + alpha_1 Uniform(V - 1 tokens): alpha_1 log(V - 1), as SEDD's absorbing
+bound (docs/methods.md). Times are drawn by ddlm/methods/noise.py (low-discrepancy over the batch,
+in [sampling_eps, 1]) and may be per position.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ddlm.errors import ConfigError
 from ddlm.methods.base import register
 from ddlm.methods.noise import DiffusionMethod, NoiseConfig, stratified_uniform
-
-SAMPLERS = ("ancestral", "first_hitting")
 
 
 @dataclass
 class MDLMConfig(NoiseConfig):
-    """Options of MDLM (`--mdlm.<field>=value`)."""
+    """Options of MDLM (`--mdlm.<field>=value`); sampling options live in `--sample.*`."""
 
     time_conditioning: bool = False
     """Give the backbone sigma_bar(t) (adaLN). Disables the sampler's no-change cache."""
     discrete_steps: int = 0
     """0: continuous-time NELBO (eq. 11); T > 0: the discrete T-step NELBO (eq. 10)."""
-    sampler: str = "ancestral"
-    """Default sampler: ancestral (T-step grid, no-change cache) | first_hitting (one token per NFE)."""
-    t_min: float = 1e-5
-    """Last time of the ancestral grid linspace(1, t_min, T + 1)."""
-    noise_removal: str = "draw"
-    """Tokens still masked at t_min: draw (a step to t = 0) | argmax (of x_theta)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,10 +48,6 @@ class MDLMConfig(NoiseConfig):
     def validate(self) -> None:
         self.check_all("mdlm", [
             (self.discrete_steps >= 0, f"mdlm.discrete_steps={self.discrete_steps} must be >= 0"),
-            (self.sampler in SAMPLERS, f"mdlm.sampler={self.sampler!r} must be one of: {', '.join(SAMPLERS)}"),
-            (0 <= self.t_min < 1, f"mdlm.t_min={self.t_min} must be in [0, 1)"),
-            (self.noise_removal in ("draw", "argmax"),
-             f"mdlm.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'"),
         ])
 
 
@@ -78,7 +69,8 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
 class MDLM(DiffusionMethod):
     name = "mdlm"
     config_class = MDLMConfig
-    bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps)"
+    bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps) + prior KL"
+    samplers = ("ancestral", "first_hitting")
 
     # ---- time and corruption -------------------------------------------------------------
 
@@ -99,13 +91,14 @@ class MDLM(DiffusionMethod):
         return t
 
     def corrupt(self, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
-        """z_t ~ q(z_t | x) (B, L): each token masked independently with probability 1 - alpha_t."""
-        p = self.schedule.mask_prob(t.to(torch.float64))[:, None]  # (B, 1)
+        """z_t ~ q(z_t | x) (B, L): each token masked independently with probability 1 - alpha_t;
+        t (B, 1) or (B, L)."""
+        p = self.schedule.mask_prob(t.to(torch.float64))  # (B, 1) or (B, L)
         u = torch.rand(x0.shape, dtype=torch.float64, generator=generator, device=x0.device)
         return torch.where(u < p, torch.full_like(x0, self.mask_id), x0)
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
-        """(B,) float64 weight of a masked token's -log x_theta: w(t) (eq. 11) or T(alpha_s -
+        """float64 weight, t's shape, of a masked token's -log x_theta: w(t) (eq. 11) or T(alpha_s -
         alpha_t)/(1 - alpha_t) with s = t - 1/T (eq. 10, times T for the uniform draw of i)."""
         T = self.cfg.discrete_steps
         if not T:
@@ -114,18 +107,15 @@ class MDLM(DiffusionMethod):
         m_t, m_s = self.schedule.mask_prob(t), self.schedule.mask_prob(s)  # alpha_s - alpha_t = m_t - m_s
         return T * (m_t - m_s) / m_t
 
-    # ---- network --------------------------------------------------------------------------
+    # ---- the one network call ------------------------------------------------------------
 
-    def uses_sigma(self, model) -> bool:
-        """Pass sigma iff the method or the backbone is time-conditioned (one rule everywhere)."""
-        cfg = getattr(model, "cfg", None)
-        return self.time_conditioned or bool(getattr(cfg, "time_conditioning", False))
-
-    def log_x_theta(self, model, zt: torch.Tensor, t: torch.Tensor, *,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """log x_theta(z_t, t) (B, L, V) under SUBS."""
-        sigma = self.schedule.total_noise(t).float() if self.uses_sigma(model) else None
-        logits = model(zt, sigma=sigma, mask="bidirectional")  # (B, L, V)
+    def log_x_theta(self, model, zt: torch.Tensor, t: torch.Tensor, *, x0: torch.Tensor | None = None,
+                    cache=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """log x_theta(z_t, t) (B, L, V) under SUBS; t (B, 1) or (B, L). The noise level reaches the
+        backbone only when time-conditioned (else sigma = 0, so the output does not depend on t).
+        x0 is not used by MDLM (BD3-LM passes its clean prefix); cache is the backbone's KV cache."""
+        sigma = self.schedule.total_noise(t).float() if self.time_conditioned else None
+        logits = model(zt, sigma=sigma, mask="bidirectional", cache=cache)  # (B, L, V)
         return subs_log_probs(logits, zt, self.mask_id, dtype=dtype)
 
     def token_loss(self, model, x0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor, *,
@@ -134,24 +124,25 @@ class MDLM(DiffusionMethod):
         logp = self.log_x_theta(model, zt, t, dtype=dtype)
         nll = -logp.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
         masked = zt == self.mask_id
-        weight = self.loss_weight(t.to(torch.float64)).to(nll.dtype)[:, None]  # (B, 1)
+        weight = self.loss_weight(t.to(torch.float64)).to(nll.dtype)  # (B, 1) or (B, L)
         return torch.where(masked, weight * nll, torch.zeros_like(nll))
 
     def sampled_nll(self, model, x0, t, generator=None, *, dtype=torch.float64) -> torch.Tensor:
         """(B, L) token_loss at z_t ~ q(z_t | x0), one t per sequence."""
         return self.token_loss(model, x0, self.corrupt(x0, t, generator), t, dtype=dtype)
 
+    def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) alpha_1 log(V - 1): KL(q(z_1 | x) || (1 - alpha_1) MASK + alpha_1 Uniform)."""
+        one = torch.ones((), dtype=torch.float64, device=x0.device)
+        kl = self.schedule.alpha(one) * math.log(self.vocab_size - 1)
+        return kl.expand(x0.shape)
+
     def sampler(self, cfg):
-        """The sampler named by cfg.sampler ('' : mdlm.sampler) configured from a SampleConfig."""
+        """The sampler a SampleConfig names: ancestral (default) | first_hitting."""
         from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
 
-        name = cfg.sampler or self.cfg.sampler
-        common = dict(schedule=self.schedule, mask_id=self.mask_id,
-                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                      time_conditioned=self.time_conditioned, stride=cfg.stride)
-        if name == "ancestral":
-            return AncestralSampler(steps=cfg.steps, use_cache=cfg.cache, t_min=self.cfg.t_min,
-                                    noise_removal=self.cfg.noise_removal, **common)
-        if name == "first_hitting":
-            return FirstHittingSampler(**common)
-        raise ConfigError(f"unknown mdlm sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+        common = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stride=cfg.stride)
+        if self.sampler_name(cfg) == "first_hitting":
+            return FirstHittingSampler(self, **common)
+        return AncestralSampler(self, steps=cfg.steps, use_cache=cfg.cache, t_min=cfg.t_min,
+                                noise_removal=cfg.noise_removal, **common)

@@ -3,6 +3,10 @@ Monte-Carlo bound built from one sampled-time term.
 
 Time sampling (MDLM code): low-discrepancy u_b = (u + b/B) mod 1 over the batch, then
 t = sampling_eps + (1 - sampling_eps) u, so the estimator averages its integrand over [eps, 1].
+
+Times are per position everywhere a method, its loss, its bound and the backbone see them: t may be
+(B,) (one per sequence), (B, K) with K dividing L (one per block of L/K positions) or (B, L);
+`time_per_position` turns any of these into (B, 1) or (B, L), which broadcast against (B, L).
 """
 from __future__ import annotations
 
@@ -53,6 +57,17 @@ class NoiseConfig(MethodConfig):
         return build_schedule(self.schedule, eps=self.eps)
 
 
+def time_per_position(t: torch.Tensor, length: int) -> torch.Tensor:
+    """t of shape (B,), (B, K) with K | L, or (B, L) -> (B, 1) or (B, L), same dtype."""
+    t = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
+    K = t.shape[1]
+    if K in (1, length):
+        return t
+    if length % K:
+        raise ValueError(f"{K} times per sequence do not divide its {length} positions")
+    return t.repeat_interleave(length // K, dim=1)
+
+
 def stratified_uniform(n: int, *, antithetic: bool, generator=None, device=None) -> torch.Tensor:
     """(n,) float64 in [0, 1): u_b = (u + b/n) mod 1 with one u (antithetic) or n i.i.d. draws."""
     if not antithetic:
@@ -68,13 +83,16 @@ def sample_times(cfg: NoiseConfig, n: int, *, generator=None, device=None) -> to
 
 
 class DiffusionMethod(Method):
-    """Base of MDLM and SEDD. A subclass defines `sampled_nll`, the (B, L) bound integrand at one
-    time per sequence with x_t drawn inside, and `prior_nll` when its bound has a prior term."""
+    """Base of MDLM and SEDD. A subclass defines `sampled_nll`, the (B, L) bound integrand at times
+    t (B, 1) or (B, L) with x_t drawn inside, and `prior_nll`, the bound's prior term."""
 
     attention = "bidirectional"
+    default_block = "gated"
 
-    def __init__(self, cfg, *, vocab_size: int, mask_id: int, bos_id: int, pad_id: int) -> None:
-        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
+    def __init__(self, cfg, *, vocab_size: int, mask_id: int, bos_id: int, pad_id: int,
+                 context: int = 0) -> None:
+        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id,
+                         context=context)
         cfg.validate()
         self.schedule: Schedule = cfg.build_schedule()
 
@@ -87,7 +105,7 @@ class DiffusionMethod(Method):
         return sample_times(self.cfg, n, generator=generator, device=device)
 
     def snap_t(self, t: torch.Tensor) -> torch.Tensor:
-        """An injected t (B,) as float64."""
+        """An injected t as float64."""
         return t.to(torch.float64)
 
     def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
@@ -95,15 +113,17 @@ class DiffusionMethod(Method):
         raise NotImplementedError
 
     def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, L) float64 prior term of the bound (none by default)."""
-        return torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)
+        """(B, L) float64 prior term of the bound."""
+        raise NotImplementedError
 
     def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
-        """Bound estimate with one t per sequence (float32, without the constant prior term);
-        loss = sum(token_nll) / counted tokens. t (B,) injectable; loss_mask (B, L) selects the
-        counted tokens (default: all); every token is corrupted."""
+        """Bound estimate (float32, without the constant prior term); loss = sum(token_nll) /
+        counted tokens. t injectable: (B,), (B, K) or (B, L) (default: one stratified t per
+        sequence); loss_mask (B, L) selects the counted tokens (default: all); every token is
+        corrupted."""
         t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None \
             else self.snap_t(t.to(x0.device))
+        t = time_per_position(t, x0.shape[1])
         nll = self.sampled_nll(model, x0, t, generator, dtype=torch.float32)
         weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
         nll = nll * weights
@@ -126,6 +146,6 @@ class DiffusionMethod(Method):
             else loss_mask.to(torch.float64)
         total = torch.zeros(B, dtype=torch.float64, device=x0.device)
         for t in t_all:
-            total += (self.sampled_nll(model, x0, t, generator) * weights).sum(1)
+            total += (self.sampled_nll(model, x0, t[:, None], generator) * weights).sum(1)
         prior = (self.prior_nll(x0) * weights).sum(1)
         return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)

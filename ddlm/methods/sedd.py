@@ -36,10 +36,6 @@ class SEDDConfig(NoiseConfig):
     """Forward process: absorbing (to MASK) | uniform (to any token)."""
     time_conditioning: bool = True
     """Give the backbone sigma_bar(t) (adaLN), as SEDD's DiT does."""
-    predictor: str = "analytic"
-    """Sampler step: analytic (Tweedie tau-leaping) | euler."""
-    t_min: float = 1e-5
-    """Last time of the sampling grid linspace(1, t_min, T + 1), then a final denoise to 0."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -47,9 +43,6 @@ class SEDDConfig(NoiseConfig):
     def validate(self) -> None:
         self.check_all("sedd", [
             (self.graph in GRAPHS, f"sedd.graph={self.graph!r} must be one of: {', '.join(GRAPHS)}"),
-            (self.predictor in PREDICTORS,
-             f"sedd.predictor={self.predictor!r} must be one of: {', '.join(PREDICTORS)}"),
-            (0 < self.t_min < 1, f"sedd.t_min={self.t_min} must be in (0, 1)"),
         ])
 
 
@@ -73,42 +66,54 @@ class SEDD(DiffusionMethod):
     name = "sedd"
     config_class = SEDDConfig
     bound_name = "DSE integral + prior KL (SEDD Thm 3.6)"
+    samplers = PREDICTORS
 
     def __init__(self, cfg: SEDDConfig, *, vocab_size: int, mask_id: int, bos_id: int,
-                 pad_id: int) -> None:
-        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id)
+                 pad_id: int, context: int = 0) -> None:
+        super().__init__(cfg, vocab_size=vocab_size, mask_id=mask_id, bos_id=bos_id, pad_id=pad_id,
+                         context=context)
         self.graph: Graph = build_graph(cfg.graph, vocab_size, mask_id)
 
-    def log_score(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
+    # ---- the one network call ------------------------------------------------------------
+
+    def log_score(self, model, xt: torch.Tensor, t: torch.Tensor, *,
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """(B, L, V) log s_theta(x_t, t) in `dtype`; t (B, 1) or (B, L); -inf at y = x_t and outside
+        the graph."""
+        sigma_bar = self.schedule.total_noise(t.to(torch.float64))
+        sigma = sigma_bar.float() if self.time_conditioned else None
+        logits = model(xt, sigma=sigma, mask="bidirectional")  # (B, L, V)
+        return self.scores_from_logits(logits, xt, sigma_bar, dtype=dtype)
+
+    def scores_from_logits(self, logits: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
+                           dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """(B, L, V) log s_theta from plain logits in `dtype` (at least float32; logits are upcast);
-        -inf at y = x_t and outside the graph."""
+        sigma_bar (B, 1) or (B, L)."""
         log_s = logits.to(torch.promote_types(logits.dtype, dtype))
         if isinstance(self.graph, Absorbing):
             offset = torch.log(torch.expm1(sigma_bar.to(log_s.dtype))) + math.log(self.graph.n_tokens)
-            log_s = log_s - offset.reshape(-1, *([1] * (log_s.dim() - 1)))
+            log_s = log_s - offset[..., None]
         allowed = self.graph.member.to(log_s.device) & ~torch.nn.functional.one_hot(
             xt, self.vocab_size).bool()
         return log_s.masked_fill(~allowed, float("-inf"))
 
-    def position_dse(self, model, x0: torch.Tensor, xt: torch.Tensor, sigma_bar: torch.Tensor, *,
+    def position_dse(self, model, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor, *,
                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """(B, L) denoising score entropy of every position (0 where no rate flows in), in dtype."""
-        sigma = sigma_bar.float() if self.time_conditioned else None
-        logits = model(xt, sigma=sigma, mask="bidirectional")  # (B, L, V)
-        log_s = self.log_score(logits, xt, sigma_bar, dtype=dtype)
-        p = self.graph.transition(x0, sigma_bar[:, None], dtype=log_s.dtype)  # (B, L, V) p_{t|0}(y|x0)
+        log_s = self.log_score(model, xt, t, dtype=dtype)
+        sigma_bar = self.schedule.total_noise(t.to(torch.float64))
+        p = self.graph.transition(x0, sigma_bar, dtype=log_s.dtype)  # (B, L, V) p_{t|0}(y|x0)
         ratio = p / p.gather(-1, xt[..., None])
         return score_entropy(log_s, ratio, self.graph.rate_into(xt, dtype=log_s.dtype))
 
     def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """(B, L): sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0), one t per sequence."""
+        """(B, L): sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0); t (B, 1) or (B, L)."""
         t = t.to(torch.float64)
         sigma_bar = self.schedule.total_noise(t)
-        xt = self.graph.corrupt(x0, sigma_bar[:, None].expand(x0.shape), generator)
-        rate = self.schedule.rate(t)[:, None]
-        return rate.to(dtype) * self.position_dse(model, x0, xt, sigma_bar, dtype=dtype)
+        xt = self.graph.corrupt(x0, sigma_bar.expand(x0.shape), generator)
+        rate = self.schedule.rate(t)
+        return rate.to(dtype) * self.position_dse(model, x0, xt, t, dtype=dtype)
 
     def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, L) KL(p_{1|0}(. | x0_l) || p_base) of every position."""
@@ -119,11 +124,12 @@ class SEDD(DiffusionMethod):
         """The SEDD sampler for a SampleConfig (cfg.sampler: '' | analytic | euler)."""
         from ddlm.sampling.score import ScoreSampler
 
-        predictor = cfg.sampler or self.cfg.predictor
-        if predictor not in PREDICTORS:
-            raise ConfigError(f"unknown sedd sampler {predictor!r}; choose one of: {', '.join(PREDICTORS)}")
+        predictor = self.sampler_name(cfg)
         if cfg.top_k or cfg.top_p < 1.0:
             raise ConfigError("sedd samplers take --temperature but not top-k/top-p (scores are not "
                               "a distribution over tokens)")
-        return ScoreSampler(self, steps=cfg.steps, predictor=predictor, t_min=self.cfg.t_min,
+        if cfg.noise_removal != "draw":
+            raise ConfigError("sedd samplers end with an analytic denoising step; "
+                              "--sample.noise_removal applies to mdlm only")
+        return ScoreSampler(self, steps=cfg.steps, predictor=predictor, t_min=cfg.t_min,
                             temperature=cfg.temperature, stride=cfg.stride)

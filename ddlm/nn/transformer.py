@@ -1,11 +1,22 @@
 """The one backbone: a pre-norm transformer with rotary positions that returns logits.
 
 It knows nothing of masking tokens, scores or loss weights; methods parameterise its logits.
-Optional noise-level conditioning modulates each block with adaLN (shift, scale, gate), as in
-DiT (Peebles & Xie 2023) used by MDLM/SEDD.
+
+Two kinds of block (`ModelConfig.block`):
+  plain  pre-norm attention + MLP (GPT style, N(0, 0.02) init); with `time_conditioning` its blocks
+         are also modulated by the noise level (the layout of ddlm's first diffusion runs).
+  gated  adaLN-zero (DiT, Peebles & Xie 2023, as in the MDLM/SEDD backbone): every block's
+         attention and MLP branches get a shift, scale and gate computed from a conditioning vector
+         c = SiLU(embed(sigma)); the gates and the output layer start at zero, so every block starts
+         as the identity and the first logits are uniform; MLP biases; PyTorch-default init. When the
+         method does not feed the noise level, sigma = 0 and c is a learned constant: the output
+         then does not depend on t (MDLM's no-change cache stays valid).
+Conditioning may be per sequence, sigma (B,) or (B, 1), or per position: (B, L), or (B, K) with K
+dividing L, each of K equal contiguous groups of positions sharing one noise level (one per block).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -61,32 +72,53 @@ class NoiseEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(n_freq, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        """sigma (...) -> (..., cond_dim)."""
         half = self.n_freq // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device) / half)
-        args = sigma.float()[:, None] * freqs[None]
+        args = sigma.float()[..., None] * freqs
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
+def positions_of(values: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, K, C) per-group values -> (B, 1 or L, C): K = 1 broadcasts, K | L repeats each group."""
+    K = values.shape[1]
+    if K in (1, length):
+        return values
+    if length % K:
+        raise ValueError(f"conditioning has {K} groups, which does not divide the length {length}")
+    return values.repeat_interleave(length // K, dim=1)
+
+
+def make_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    """Gated: LayerNorm with a weight and no bias (DiT); plain: affine, or none when modulated."""
+    if cfg.block == "gated":
+        return nn.LayerNorm(cfg.dim, bias=False)
+    return nn.LayerNorm(cfg.dim, elementwise_affine=not cfg.time_conditioning)
+
+
 class Block(nn.Module):
-    """Pre-norm attention + MLP, optionally adaLN-modulated by a conditioning vector."""
+    """Pre-norm attention + MLP, adaLN-modulated by a conditioning vector when it has one."""
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer, self.n_heads, self.dropout = layer, cfg.n_heads, cfg.dropout
         hidden = int(cfg.mlp_ratio * cfg.dim)
-        self.norm1 = nn.LayerNorm(cfg.dim, elementwise_affine=not cfg.time_conditioning)
+        gated = cfg.block == "gated"
+        self.norm1 = make_norm(cfg)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.norm2 = nn.LayerNorm(cfg.dim, elementwise_affine=not cfg.time_conditioning)
-        self.fc = nn.Linear(cfg.dim, hidden, bias=False)
-        self.fc_out = nn.Linear(hidden, cfg.dim, bias=False)
-        self.modulation = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if cfg.time_conditioning else None
+        self.norm2 = make_norm(cfg)
+        self.fc = nn.Linear(cfg.dim, hidden, bias=gated)
+        self.fc_out = nn.Linear(hidden, cfg.dim, bias=gated)
+        conditioned = gated or cfg.time_conditioning
+        self.modulation = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if conditioned else None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: MaskSpec,
                 cond: torch.Tensor | None, cache: KVCache | None, cache_write: bool) -> torch.Tensor:
         if self.modulation is not None:
-            # (B, 1, D) each: shift/scale/gate of the attention and MLP branches
-            s1, c1, g1, s2, c2, g2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+            # (B, 1 or L, D) each: shift/scale/gate of the attention and MLP branches
+            mod = positions_of(self.modulation(cond), h.shape[1])
+            s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)
             h = h + g1 * self._attention(self.norm1(h) * (1 + c1) + s1, cos, sin, mask, cache, cache_write)
             return h + g2 * self._mlp(self.norm2(h) * (1 + c2) + s2)
         h = h + self._attention(self.norm1(h), cos, sin, mask, cache, cache_write)
@@ -115,16 +147,29 @@ class Transformer(nn.Module):
         super().__init__()
         if cfg.vocab_size <= 0 or cfg.max_len <= 0:
             raise ValueError("ModelConfig.vocab_size and max_len must be set before building")
+        if cfg.block == "auto":  # a RunConfig resolves auto from the method; alone it means plain
+            cfg = dataclasses.replace(cfg, block="plain")
         self.cfg = cfg
+        gated = cfg.block == "gated"
+        conditioned = gated or cfg.time_conditioning
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.dim, elementwise_affine=not cfg.time_conditioning)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.noise_embed = NoiseEmbedding(cfg.cond_dim) if cfg.time_conditioning else None
-        self.final_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.dim) if cfg.time_conditioning else None
-        self._init_weights()
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=gated)
+        self.noise_embed = NoiseEmbedding(cfg.cond_dim) if conditioned else None
+        self.final_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.dim) if conditioned else None
+        self._init_gated() if gated else self._init_weights()
         self.rotary.precompute(2 * cfg.max_len)
+
+    def _init_gated(self) -> None:
+        """adaLN-zero: PyTorch-default Linear init; the embedding uniform(+-1/sqrt(D)) as in the
+        MDLM DiT; every modulation and the output layer zero, so blocks start as the identity."""
+        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
+        zero = [block.modulation for block in self.blocks] + [self.final_modulation, self.head]
+        for layer in zero:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def _init_weights(self) -> None:
         std = 0.02
@@ -151,28 +196,35 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, *, sigma: torch.Tensor | None = None,
                 mask: MaskSpec = "causal", cache: KVCache | None = None, cache_write: bool = True,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, L); sigma (B,) noise level when time-conditioned; positions (L,) for RoPE
-        (default: continue after the cache). Returns logits (B, L, V) float32."""
+        """tokens (B, L); sigma the noise level, (B,) or (B, K) with K | L (None: sigma = 0, the
+        learned constant of a gated block); positions (L,) for RoPE (default: continue after the
+        cache). Returns logits (B, L, V) float32."""
         B, L = tokens.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(offset, offset + L, device=tokens.device)
         cos, sin = self.rotary.cos_sin(positions)
-        cond = None
-        if self.noise_embed is not None:
-            if sigma is None:
-                sigma = torch.zeros(B, device=tokens.device)
-            cond = F.silu(self.noise_embed(sigma.reshape(-1).expand(B) if sigma.numel() == 1 else sigma))
+        cond = self.conditioning(sigma, B, tokens.device)  # (B, K, cond_dim) or None
         h = self.embed(tokens)  # (B, L, D)
         for block in self.blocks:
             h = block(h, cos, sin, mask, cond, cache, cache_write)
         h = self.norm(h)
         if self.final_modulation is not None:
-            shift, scale = self.final_modulation(cond)[:, None].chunk(2, dim=-1)
+            shift, scale = positions_of(self.final_modulation(cond), L).chunk(2, dim=-1)
             h = h * (1 + scale) + shift
         if cache is not None and cache_write:
             cache.advance(L)
         return self.head(h).float()
+
+    def conditioning(self, sigma: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
+        """SiLU(embed(sigma)) as (B, K, cond_dim); sigma None means 0; None when unconditioned."""
+        if self.noise_embed is None:
+            return None
+        if sigma is None:
+            sigma = torch.zeros(batch, 1, device=device)
+        if sigma.dim() < 2:
+            sigma = sigma.reshape(-1, 1)  # () or (B,) -> (1 or B, 1)
+        return F.silu(self.noise_embed(sigma.expand(batch, -1)))
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

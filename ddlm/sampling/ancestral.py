@@ -1,158 +1,102 @@
 """Samplers for masked diffusion (MDLM): ancestral with the no-change cache, and first-hitting.
 
-Both call the network through one helper, `MaskedSampler.denoise`: logits -> SUBS log x_theta
-(float64), banned tokens removed, then temperature / top-k / nucleus filtering. Categorical draws
-use float64 Gumbel noise (METHODS.md §6.1).
+A reverse step t -> s is two parts (docs/methods.md, MDLM):
+  1. draw x_0 from the denoiser x_theta(z_t)              `draw_x0`  (EDLM replaces this part)
+  2. the posterior step q(z_s | z_t, x_0): a masked token stays masked with probability
+     m(s)/m(t), m = mask_prob, and otherwise becomes x_0; unmasked tokens stay   `posterior_step`
+which is equal in law to the one-step categorical of MDLM eq. 7,
+  z_s ~ Cat([(1 - alpha_s) m + (alpha_s - alpha_t) x_theta(z_t)] / (1 - alpha_t)).
 
-Conditioning: `prompt` (B or 1, Lp) fixes the first Lp positions (output: prompt + `length` new
-tokens, as the AR sampler); `template` (B or 1, L) fixes every position that is not MASK and
-generates the rest (infilling). Given tokens are never changed: SUBS carries unmasked tokens over.
-Sequences longer than the model's context are generated semi-autoregressively (`generate_long`).
+The denoiser is the method's one network call (`method.log_x_theta`), in float64, with banned
+tokens removed and temperature / top-k / nucleus filtering applied at masked positions. Categorical
+draws use float64 Gumbel noise (docs/methods.md, known traps). Given tokens (prompt, template) are
+never changed: SUBS carries unmasked tokens over and the posterior step only touches MASK.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ddlm.methods.mdlm import subs_log_probs
-from ddlm.process.schedules import Schedule
-from ddlm.sampling.base import (Generation, expand_rows, filter_logits, gumbel_argmax, model_device,
-                                slide_windows)
+from ddlm.sampling.base import Sampler, filter_logits, gumbel_argmax
 
 
-class MaskedSampler:
-    """Shared parts: the denoiser call, the initial state, and semi-autoregressive generation."""
+class MaskedSampler(Sampler):
+    """Shared parts: the denoiser call and the two halves of a reverse step."""
 
-    def __init__(self, *, schedule: Schedule, mask_id: int, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0, time_conditioned: bool = False,
-                 banned: tuple[int, ...] = (), stride: int = 0) -> None:
-        self.schedule, self.mask_id, self.banned = schedule, mask_id, tuple(banned)
-        self.stride = stride  # tokens per window past the context (0: context // 2)
-        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.time_conditioned = time_conditioned
+    def __init__(self, method, *, banned: tuple[int, ...] = (), **kw) -> None:
+        super().__init__(method, **kw)
+        self.banned = tuple(banned)  # token ids never drawn
 
-    def conditioned(self, model) -> bool:
-        """Time-conditioned if the method says so or the backbone was built with conditioning."""
-        cfg = getattr(model, "cfg", None)
-        return self.time_conditioned or bool(getattr(cfg, "time_conditioning", False))
-
-    def denoise(self, model, z: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """log x_theta(z_t) (B, L, V) float64 under SUBS, filtered for sampling; t scalar or (B,)."""
-        sigma = None
-        if self.conditioned(model):
-            t_b = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])
-            sigma = self.schedule.total_noise(t_b).float()
-        logits = model(z, sigma=sigma, mask="bidirectional").to(torch.float64, copy=True)  # (B, L, V)
+    def denoiser(self, model, z: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """log x_theta(z_t) (B, L, V) float64 for sampling; t scalar or (B,)."""
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])[:, None]
+        logp = self.method.log_x_theta(model, z, t, dtype=torch.float64)  # (B, L, V)
+        masked = (z == self.method.mask_id)[..., None]
         if self.banned:
-            logits[..., list(self.banned)] = float("-inf")
-        logp = subs_log_probs(logits, z, self.mask_id, dtype=torch.float64)
+            cut = logp.clone()
+            cut[..., list(self.banned)] = float("-inf")
+            logp = torch.where(masked, torch.log_softmax(cut, dim=-1), logp)
         if self.temperature != 1.0 or self.top_k or self.top_p < 1.0:
             logp = filter_logits(logp, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return logp
 
-    def initial_state(self, n: int, length: int, prompt, template, device) -> torch.Tensor:
-        """(n, L) int64: given tokens where fixed, MASK elsewhere."""
-        if prompt is not None and template is not None:
-            raise ValueError("give a prompt or a template, not both")
-        if template is not None:
-            return expand_rows(template.to(device), n, "template")
-        z = torch.full((n, length), self.mask_id, dtype=torch.long, device=device)
-        if prompt is not None:
-            z = torch.cat([expand_rows(prompt.to(device), n, "prompt"), z], dim=1)
-        return z
+    def draw_x0(self, model, z: torch.Tensor, t: float | torch.Tensor, logp: torch.Tensor,
+                generator) -> torch.Tensor:
+        """Part 1 of a step: x_0 (B, L) drawn from the denoiser's log-probabilities logp."""
+        return gumbel_argmax(logp, generator)
 
-    @torch.no_grad()
-    def generate(self, model, n: int, length: int, *, prompt: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None,
-                 template: torch.Tensor | None = None) -> Generation:
-        """(n, Lp + length) tokens, or (n, L) for a template (then `length` is not used). Longer
-        than the model's context (model.cfg.max_len): delegated to `generate_long`."""
-        context = getattr(getattr(model, "cfg", None), "max_len", 0)
-        total = length + (prompt.shape[-1] if prompt is not None else 0)
-        if template is None and context and total > context:
-            return self.generate_long(model, n, length, prompt=prompt, generator=generator)
-        start = time.perf_counter()
-        z = self.initial_state(n, length, prompt, template, model_device(model))
-        z, nfe = self.run(model, z, generator)
-        return Generation(tokens=z, nfe=nfe, seconds=time.perf_counter() - start)
-
-    def run(self, model, z: torch.Tensor, generator) -> tuple[torch.Tensor, int]:
-        """Unmask every MASK of z; returns (tokens, network evaluations)."""
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def generate_long(self, model, n: int, total_length: int, *, context: int | None = None,
-                      stride: int | None = None, prompt: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> Generation:
-        """Semi-autoregressive generation past the context (MDLM §4.3-style sliding window).
-
-        Generate a full context; then repeatedly keep the last (context - stride) tokens as a
-        clean prefix and generate `stride` new ones after them. Returns (n, Lp + total_length)
-        tokens; nfe sums every window's.
-        """
-        context = context or model.cfg.max_len
-        device = model_device(model)
-        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
-            else expand_rows(prompt.to(device), n, "prompt")
-
-        def window(prefix, new):
-            z, used = self.run(model, self.initial_state(n, new, prefix, None, device), generator)
-            return z[:, z.shape[1] - new:], used
-
-        return slide_windows(window, start, total_length, context,
-                             stride or self.stride or max(1, context // 2))
+    def posterior_step(self, z: torch.Tensor, x0: torch.Tensor, t: float | torch.Tensor,
+                       s: float | torch.Tensor, generator) -> torch.Tensor:
+        """Part 2: z_s ~ q(z_s | z_t, x_0); a MASK unmasks to x_0 with probability (m_t - m_s)/m_t.
+        t, s scalars or (B,); s = 0 unmasks every token."""
+        shape = (z.shape[0], 1)
+        t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(shape[0])[:, None]
+        s = torch.as_tensor(s, dtype=torch.float64, device=z.device).expand(shape[0])[:, None]
+        m_t, m_s = self.method.schedule.mask_prob(t), self.method.schedule.mask_prob(s)
+        u = torch.rand(z.shape, dtype=torch.float64, generator=generator, device=z.device)
+        unmask = (z == self.method.mask_id) & (u * m_t >= m_s)
+        return torch.where(unmask, x0, z)
 
 
 class AncestralSampler(MaskedSampler):
     """MDLM's ancestral sampler on the grid linspace(1, t_min, T + 1) (paper §3.2.2, eq. 7).
 
-    Step t -> s for a masked token: z_s ~ Cat([(1 - alpha_s) m + (alpha_s - alpha_t) x_theta(z_t)]
-    / (1 - alpha_t)); unmasked tokens stay. No-change cache: when no token changed in a step and
-    the model is not time-conditioned, x_theta(z_t) is reused without a network call (nfe counts
-    real calls); a step that starts with no MASK left calls nothing. The cache is off when
-    time-conditioned (METHODS.md §6.4). Noise removal: tokens still masked at t_min are drawn by
-    one more ancestral step to t = 0 (alpha_0 = 1), or set to argmax x_theta.
+    No-change cache: when no token changed in a step and the method is not time-conditioned,
+    x_theta(z_t) is reused without a network call (nfe counts real calls); a step that starts with
+    no MASK left calls nothing. The cache is off when time-conditioned (the output depends on t).
+    Noise removal: tokens still masked at t_min are drawn by one more step to t = 0 (alpha_0 = 1),
+    or set to argmax x_theta; only masked positions change.
     """
 
-    def __init__(self, *, steps: int = 256, use_cache: bool = True, t_min: float = 1e-5,
+    def __init__(self, method, *, steps: int = 256, use_cache: bool = True, t_min: float = 1e-5,
                  noise_removal: str = "draw", **kw) -> None:
-        super().__init__(**kw)
+        super().__init__(method, **kw)
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
         self.steps, self.use_cache, self.t_min, self.noise_removal = steps, use_cache, t_min, noise_removal
 
-    def run(self, model, z, generator):
-        cache_ok = self.use_cache and not self.conditioned(model)
+    def fill(self, model, z, generator):
+        mask_id = self.method.mask_id
+        cache_ok = self.use_cache and not self.method.time_conditioned
         times = torch.linspace(1.0, self.t_min, self.steps + 1, dtype=torch.float64).tolist()
         logp, nfe = None, 0
         for t, s in zip(times[:-1], times[1:]):
-            if not (z == self.mask_id).any():
+            if not (z == mask_id).any():
                 break
             if logp is None or not cache_ok:
-                logp, nfe = self.denoise(model, z, t), nfe + 1
-            z_next = self.step(z, logp, t, s, generator)
+                logp, nfe = self.denoiser(model, z, t), nfe + 1
+            z_next = self.posterior_step(z, self.draw_x0(model, z, t, logp, generator), t, s, generator)
             if not torch.equal(z_next, z):
                 logp = None
             z = z_next
-        if (z == self.mask_id).any():
+        if (z == mask_id).any():
             t = times[-1]
             if logp is None or not cache_ok:
-                logp, nfe = self.denoise(model, z, t), nfe + 1
+                logp, nfe = self.denoiser(model, z, t), nfe + 1
             if self.noise_removal == "argmax":
-                z = torch.where(z == self.mask_id, logp.argmax(-1), z)
+                z = torch.where(z == mask_id, logp.argmax(-1), z)
             else:
-                z = self.step(z, logp, t, 0.0, generator)
+                z = self.posterior_step(z, self.draw_x0(model, z, t, logp, generator), t, 0.0, generator)
         return z, nfe
-
-    def step(self, z: torch.Tensor, logp: torch.Tensor, t: float, s: float, generator) -> torch.Tensor:
-        """One reverse step t -> s (s < t) of eq. 7 for every masked token; (B, L) -> (B, L)."""
-        # alpha_s - alpha_t = m_t - m_s and 1 - alpha_s = m_s, with m = mask_prob (accurate near 0)
-        m_t, m_s = self.schedule.mask_prob(torch.tensor([t, s], dtype=torch.float64))
-        log_q = logp + torch.log(m_t - m_s)  # (B, L, V)
-        log_q[..., self.mask_id] = torch.log(m_s)
-        draw = gumbel_argmax(log_q, generator)  # (B, L); normalising by 1 - alpha_t is not needed
-        return torch.where(z == self.mask_id, draw, z)
 
 
 class FirstHittingSampler(MaskedSampler):
@@ -162,42 +106,28 @@ class FirstHittingSampler(MaskedSampler):
     P(still masked at s) = m(s)/m(t), m = mask_prob, so the first of them is hit at s with
     m(s) = m(t) u^(1/n), u ~ U(0, 1) (t_{n-1} = t_n u^(1/n) for the log-linear schedule). That
     token is a uniformly chosen masked position, drawn from x_theta(z, s). Equal in law to the
-    ancestral sampler as T -> infinity. Time only matters for a time-conditioned model.
+    ancestral sampler as T -> infinity. Time only matters for a time-conditioned model. Rows are
+    independent: a finished row waits while the others go on.
     """
 
-    def run(self, model, z, generator):
+    def fill(self, model, z, generator):
+        schedule, mask_id = self.method.schedule, self.method.mask_id
         B = z.shape[0]
         rows = torch.arange(B, device=z.device)
         t = torch.ones(B, dtype=torch.float64, device=z.device)
         nfe = 0
         while True:
-            masked = z == self.mask_id  # (B, L)
+            masked = z == mask_id  # (B, L)
             n = masked.sum(1)
             active = n > 0
             if not active.any():
                 return z, nfe
             u = torch.rand(B, dtype=torch.float64, generator=generator, device=z.device)
-            p = self.schedule.mask_prob(t) * u ** (1.0 / n.clamp_min(1))
-            t = torch.where(active, self.schedule.time_of(p), t)
-            logp = self.denoise(model, z, t)
+            t = torch.where(active, schedule.time_of(schedule.mask_prob(t) * u ** (1.0 / n.clamp_min(1))), t)
+            logp = self.denoiser(model, z, t)
             nfe += 1
             score = torch.rand(masked.shape, generator=generator, device=z.device).masked_fill(~masked, -1)
             pos = score.argmax(1)  # (B,) a uniform masked position per row
-            token = gumbel_argmax(logp[rows, pos], generator)  # (B,)
+            x0 = self.draw_x0(model, z, t, logp, generator)  # (B, L)
             z = z.clone()
-            z[rows, pos] = torch.where(active, token, z[rows, pos])
-
-
-class SemiAutoregressiveSampler:
-    """Wraps a masked sampler so `generate` always slides a window of `context` by `stride`."""
-
-    def __init__(self, inner: MaskedSampler, *, context: int | None = None,
-                 stride: int | None = None) -> None:
-        self.inner, self.context, self.stride = inner, context, stride
-
-    def generate(self, model, n: int, length: int, *, prompt=None, generator=None,
-                 template=None) -> Generation:
-        if template is not None:
-            return self.inner.generate(model, n, length, generator=generator, template=template)
-        return self.inner.generate_long(model, n, length, context=self.context, stride=self.stride,
-                                        prompt=prompt, generator=generator)
+            z[rows, pos] = torch.where(active, x0[rows, pos], z[rows, pos])

@@ -1,12 +1,22 @@
-"""What every sampler returns, and the categorical draws they share."""
+"""The sampler protocol, what every sampler returns, and the categorical draws they share.
+
+    sampler = method.sampler(sample_cfg)      options are chosen at sample time
+    sampler.generate(model, n, length, *, prompt=None, template=None, generator=None) -> Generation
+
+`prompt` (1 or n, Lp) is continued by `length` new tokens; `template` (1 or n, L) fixes every
+position that is not MASK and fills the rest (infilling). Given positions are never changed. Past
+the method's context, windows slide (`slide_windows`). A sampler that cannot honour an argument
+refuses it with a one-line ConfigError. Samplers reach the network only through the method.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import torch
+
+from ddlm.errors import ConfigError
 
 
 @dataclass
@@ -16,6 +26,92 @@ class Generation:
     tokens: torch.Tensor
     nfe: int
     seconds: float
+
+
+class Sampler:
+    """Base of every sampler. A subclass defines `fill(model, z, generator) -> (tokens, nfe)`,
+    which replaces every MASK of z (n, L) and keeps every other token; `generate` handles prompts,
+    templates and windows past the context around it."""
+
+    takes_template: ClassVar[bool] = True
+
+    def __init__(self, method, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 stride: int = 0) -> None:
+        self.method = method
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.stride = stride  # tokens added per window past the context (0: context // 2)
+
+    @property
+    def context(self) -> int:
+        """The model's context length, from the method (0: unknown, no windows)."""
+        return self.method.context
+
+    @torch.no_grad()
+    def generate(self, model, n: int, length: int, *, prompt: torch.Tensor | None = None,
+                 template: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Generation:
+        """(n, Lp + length) tokens, or (n, L) for a template (then `length` is not used)."""
+        self.check_request(prompt, template)
+        begin = time.perf_counter()
+        device = model_device(model)
+        if template is not None:
+            tokens, nfe = self.fill(model, expand_rows(template.to(device), n, "template"), generator)
+            return Generation(tokens, nfe, time.perf_counter() - begin)
+        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
+            else expand_rows(prompt.to(device), n, "prompt")
+        if self.context and start.shape[1] + length > self.context:
+            return self.generate_long(model, start, length, generator)
+        tokens, nfe = self.fill(model, self.masked_after(start, length), generator)
+        return Generation(tokens, nfe, time.perf_counter() - begin)
+
+    def check_request(self, prompt, template) -> None:
+        if prompt is not None and template is not None:
+            raise ConfigError("give a prompt or a template, not both")
+        if template is not None and not self.takes_template:
+            raise ConfigError(f"the {type(self).__name__} of method {self.method.name!r} cannot fill "
+                              f"a template (infilling); give a prompt instead")
+
+    def masked_after(self, start: torch.Tensor, length: int) -> torch.Tensor:
+        """start (n, Lp) followed by `length` MASK tokens."""
+        masks = torch.full((start.shape[0], length), self.method.mask_id, dtype=torch.long,
+                           device=start.device)
+        return torch.cat([start, masks], dim=1)
+
+    def generate_long(self, model, start: torch.Tensor, length: int, generator, *,
+                      context: int | None = None, stride: int | None = None) -> Generation:
+        """Past the context: windows of `context` tokens, each keeping the last context - stride as
+        a clean prefix (see slide_windows)."""
+        context = context or self.context
+
+        def window(prefix, new):
+            first = start[:, :0] if prefix is None else prefix
+            tokens, used = self.fill(model, self.masked_after(first, new), generator)
+            return tokens[:, tokens.shape[1] - new:], used
+
+        return slide_windows(window, start, length, context,
+                             stride or self.stride or max(1, context // 2))
+
+    def fill(self, model, z: torch.Tensor, generator) -> tuple[torch.Tensor, int]:
+        """Replace every MASK of z (n, L); returns (tokens, network evaluations)."""
+        raise NotImplementedError
+
+
+class SemiAutoregressiveSampler:
+    """Wraps a sampler so `generate` always slides a window of `context` by `stride`."""
+
+    def __init__(self, inner: Sampler, *, context: int | None = None, stride: int | None = None) -> None:
+        self.inner, self.context, self.stride = inner, context, stride
+
+    @torch.no_grad()
+    def generate(self, model, n: int, length: int, *, prompt=None, template=None,
+                 generator=None) -> Generation:
+        if template is not None:
+            return self.inner.generate(model, n, length, template=template, generator=generator)
+        device = model_device(model)
+        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
+            else expand_rows(prompt.to(device), n, "prompt")
+        return self.inner.generate_long(model, start, length, generator, context=self.context,
+                                        stride=self.stride)
 
 
 def model_device(model) -> torch.device:

@@ -1,13 +1,12 @@
 """`ddlm sample`: draw from a checkpoint with its method's sampler."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ddlm.build import load_for_inference
 from ddlm.config import section_config
 from ddlm.errors import ConfigError, DataError
+from ddlm.sampling.base import model_device
 
 
 def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
@@ -31,7 +30,7 @@ def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None =
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, context) if prompt else None
     length = cfg.length or context - (0 if prompt_ids is None else len(prompt_ids))
     sampler = loaded.method.sampler(cfg)
-    device = next(loaded.model.parameters()).device
+    device = model_device(loaded.model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     tokens, nfe, seconds = [], 0, 0.0
     for start in range(0, cfg.num, cfg.batch_size):

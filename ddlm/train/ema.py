@@ -7,13 +7,14 @@ import torch
 
 
 class EMA:
-    """shadow <- d * shadow + (1 - d) * weights, with d warmed up as min(decay, (1 + n) / (10 + n))."""
+    """shadow <- d * shadow + (1 - d) * weights, with d warmed up as min(decay, (1 + n) / (10 + n)).
+
+    Only trainable parameters are averaged; frozen parts of a composite model are left alone."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()
-                       if v.dtype.is_floating_point}
+        self.shadow = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:

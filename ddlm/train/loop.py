@@ -19,12 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ddlm import runtime
-from ddlm.build import build_method, build_model, complete_model_config, prepare_data
+from ddlm.build import build_method, complete_model_config, prepare_data
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError
 from ddlm.eval.likelihood import evaluate_likelihood
-from ddlm.train.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint
+from ddlm.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint
 from ddlm.train.ema import EMA
 from ddlm.train.optim import build_optimizer, lr_at, set_lr
 
@@ -89,7 +89,7 @@ class Trainer:
         self.tokenizer, self.datasets = prepare_data(run, tokenizer)
         self.method = build_method(run, self.tokenizer)
         self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
-        self.model = build_model(self.run).to(self.device)
+        self.model = self.method.build_model(self.run.model).to(self.device)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
@@ -197,7 +197,7 @@ class Trainer:
                 out = self.method.loss(self.step_model, x0, loss_mask=mask)
             (out.loss / cfg.grad_accum).backward()
             total += out.loss.item()
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.model.parameters() if p.grad is not None]  # trainable only
         if cfg.grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
         else:
@@ -209,6 +209,8 @@ class Trainer:
 
     def validate(self) -> dict:
         cfg = self.run.train
+        if not self.method.has_likelihood:
+            return self._validate_loss()
         with self._inference_weights():
             result = evaluate_likelihood(self.method, self.model, self.datasets["valid"],
                                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
@@ -221,11 +223,34 @@ class Trainer:
             print(f"step {self.step}: valid bpc {result.bpc:.4f}")
         return record
 
+    @torch.no_grad()
+    def _validate_loss(self) -> dict:
+        """For a method without a likelihood: the mean training loss on validation batches."""
+        cfg = self.run.train
+        loader = BlockLoader(self.datasets["valid"], cfg.batch_size, shuffle=False, drop_last=False)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        losses = []
+        with self._inference_weights():
+            self.model.eval()
+            for i, batch in enumerate(loader.epoch_batches()):
+                if i >= cfg.eval_batches:
+                    break
+                x0 = batch.tokens.to(self.device)
+                mask = batch.mask.to(self.device) if batch.mask is not None else None
+                with runtime.autocast(self.dtype, self.device):
+                    losses.append(self.method.loss(self.model, x0, loss_mask=mask, generator=generator).loss.item())
+            self.model.train()
+        record = {"step": self.step, "split": "valid", "val_loss": sum(losses) / max(len(losses), 1)}
+        self._log(record)
+        return record
+
     def _inference_weights(self):
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def save(self) -> Path:
-        weights = self.ema.shadow if self.ema is not None else self.model.state_dict()
+        weights = self.model.state_dict()  # frozen parts included, trainable ones as their EMA
+        if self.ema is not None:
+            weights = {**weights, **self.ema.shadow}
         state = {"step": self.step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None,

@@ -3,6 +3,11 @@
     OUT/checkpoints/step_000500/   config.json  model.safetensors  tokenizer.json  trainer_state.pt
     OUT/latest                     text file naming the newest complete checkpoint
 
+Reading and writing live here, outside the trainer, so that loading for inference never touches
+training code. Nothing read from a file is executed: weights are safetensors, the config and
+tokenizer JSON, and `trainer_state.pt` is read with `torch.load(weights_only=True)`, which
+refuses any pickled object other than tensors and plain containers.
+
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then is
 `latest` replaced (write + os.replace), so an interruption at any moment leaves the previous
 checkpoint intact. `model.safetensors` holds the weights for inference (the EMA when enabled);
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +119,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for name in FILES:
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint '{ckpt}' is incomplete: {name} is missing")
-    config = RunConfig.from_dict(_read_json(ckpt / "config.json"))
+    config = RunConfig.from_dict(upgrade_config(_read_json(ckpt / "config.json")))
     tokenizer_dict = _read_json(ckpt / "tokenizer.json")
     try:
         weights = load_file(ckpt / "model.safetensors")
@@ -122,6 +128,29 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                               f"({str(err).splitlines()[0][:120]})") from None
     step = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else 0
     return Checkpoint(ckpt, config, tokenizer_dict, weights, step)
+
+
+# Sampling options that older configs kept among a method's options: (method, old name, new name).
+MOVED_TO_SAMPLE = (("mdlm", "sampler", "sampler"), ("mdlm", "t_min", "t_min"),
+                   ("mdlm", "noise_removal", "noise_removal"), ("sedd", "predictor", "sampler"),
+                   ("sedd", "t_min", "t_min"))
+
+
+def upgrade_config(d: dict) -> dict:
+    """Read configs written by earlier versions: without `model.block` the backbone was plain;
+    sampling options then stored under the method move to the sample section."""
+    d = json.loads(json.dumps(d))
+    model = d.get("model")
+    if isinstance(model, dict):
+        model.setdefault("block", "plain")
+    for method, old, new in MOVED_TO_SAMPLE:
+        options = d.get(method)
+        if isinstance(options, dict) and old in options:
+            value = options.pop(old)
+            sample = d.setdefault("sample", {})
+            if isinstance(sample, dict) and not sample.get(new):
+                sample[new] = value
+    return d
 
 
 def _read_json(path: Path) -> dict:
@@ -135,11 +164,16 @@ def _read_json(path: Path) -> dict:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
+    """The resume state, read with weights_only=True: a file holding anything but tensors and
+    plain containers (e.g. a crafted pickle that would run code) is refused, never executed."""
     path = Path(ckpt) / "trainer_state.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' has no trainer_state.pt; it cannot be resumed")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"'{path}' holds objects other than tensors and plain data; refused "
+                              f"(nothing in it was run)") from None
     except Exception as err:  # torch raises many kinds on a damaged pickle/zip
         raise CheckpointError(f"'{path}' is corrupt or truncated ({type(err).__name__})") from None
 
