@@ -28,19 +28,21 @@ from pathlib import Path
 import torch
 
 from ddlm.config import ModelConfig
-from ddlm.nn.transformer import Transformer
-from ddlm.process.schedules import LogLinear
-from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
+from ddlm.methods.ar import AR, ARConfig
+from ddlm.methods.mdlm import MDLM, MDLMConfig
 from ddlm.methods.sedd import SEDD, SEDDConfig
+from ddlm.nn.transformer import Transformer
+from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
 from ddlm.sampling.ar import ARSampler
 from ddlm.sampling.score import ScoreSampler
 
 VOCAB, BOS, MASK, PAD = 30, 27, 28, 29  # the char tokenizer's layout
+IDS = dict(vocab_size=VOCAB, mask_id=MASK, bos_id=BOS, pad_id=PAD)
 
 
-def build_model(length: int, seed: int) -> Transformer:
+def build_model(length: int, seed: int, block: str = "gated") -> Transformer:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, max_len=length, dim=256, n_layers=4, n_heads=4)
+    cfg = ModelConfig(vocab_size=VOCAB, max_len=length, dim=256, n_layers=4, n_heads=4, block=block)
     return Transformer(cfg).eval()
 
 
@@ -58,12 +60,12 @@ def mdlm_rows(model, steps: list[int], batch: int, length: int, seed: int) -> li
     rows = []
     for T in steps:
         for cache in (True, False):
-            sampler = AncestralSampler(schedule=LogLinear(), mask_id=MASK, steps=T, use_cache=cache,
-                                       banned=(PAD,))
+            sampler = AncestralSampler(MDLM(MDLMConfig(), **IDS, context=length), steps=T,
+                                       use_cache=cache, banned=(PAD,))
             row = measure("mdlm-ancestral", sampler, model, batch, length, seed, steps=T, cache=cache)
             row["calls_saved"] = 1 - row["nfe"] / (T + 1)
             rows.append(row)
-    sampler = FirstHittingSampler(schedule=LogLinear(), mask_id=MASK, banned=(PAD,))
+    sampler = FirstHittingSampler(MDLM(MDLMConfig(), **IDS, context=length), banned=(PAD,))
     rows.append(measure("mdlm-first-hitting", sampler, model, batch, length, seed, steps=None,
                         cache=False))
     return rows
@@ -71,8 +73,7 @@ def mdlm_rows(model, steps: list[int], batch: int, length: int, seed: int) -> li
 
 def sedd_rows(model, steps: list[int], batch: int, length: int, seed: int) -> list[dict]:
     """SEDD absorbing (the backbone is not time-conditioned here; the cost per call is the same)."""
-    method = SEDD(SEDDConfig(time_conditioning=False), vocab_size=VOCAB, mask_id=MASK, bos_id=BOS,
-                  pad_id=PAD)
+    method = SEDD(SEDDConfig(time_conditioning=False), **IDS, context=length)
     rows = []
     for T in steps:
         for predictor in ("analytic", "euler"):
@@ -85,7 +86,7 @@ def sedd_rows(model, steps: list[int], batch: int, length: int, seed: int) -> li
 def ar_rows(model, batch: int, length: int, seed: int) -> list[dict]:
     rows = []
     for cache in (True, False):
-        sampler = ARSampler(bos_id=BOS, use_cache=cache, banned=(MASK, PAD))
+        sampler = ARSampler(AR(ARConfig(), **IDS, context=length), use_cache=cache)
         # BOS takes one position, so AR generates length - 1 tokens within the same context
         rows.append(measure("ar", sampler, model, batch, length - 1, seed, steps=length - 1,
                             cache=cache))
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     if args.quick:
         steps, length, batches = [16, 64], 128, [2]
     model = build_model(length, args.seed)
-    AncestralSampler(schedule=LogLinear(), mask_id=MASK, steps=4).generate(model, 2, length)  # warm-up
+    AncestralSampler(MDLM(MDLMConfig(), **IDS), steps=4).generate(model, 2, length)  # warm-up
     load = os.getloadavg()[0]
     start = time.perf_counter()
     print(HEADER)

@@ -54,9 +54,8 @@ class Loaded:
 
 
 def load_for_inference(path: str | Path, device: torch.device | None = None) -> Loaded:
-    """Rebuild the run from a checkpoint directory and load its inference weights."""
-    from ddlm.checkpoint import load_checkpoint
-
+    """Rebuild the run from a checkpoint directory and load its inference weights (safetensors;
+    the trainer and its pickled state are never touched)."""
     ckpt = load_checkpoint(path)
     tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
     run = ckpt.config

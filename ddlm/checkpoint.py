@@ -148,7 +148,7 @@ def upgrade_config(d: dict) -> dict:
         if isinstance(options, dict) and old in options:
             value = options.pop(old)
             sample = d.setdefault("sample", {})
-            if isinstance(sample, dict) and not sample.get(new):
+            if isinstance(sample, dict) and sample.get(new) in (None, ""):
                 sample[new] = value
     return d
 

@@ -38,9 +38,11 @@ def cmd_train(args, extra: list[str]) -> int:
                "interrupted": result.interrupted, "dtype": result.dtype,
                "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
                "valid": result.valid}
-    bpc = result.valid["val_bpc"] if result.valid else float("nan")
+    valid = result.valid or {}
+    score = f"valid BPC {valid['val_bpc']:.4f}" if "val_bpc" in valid \
+        else f"valid loss {valid.get('val_loss', float('nan')):.4f}"
     state = "interrupted at" if result.interrupted else "finished"
-    _emit(payload, args.json, f"{state} step {result.step}: valid BPC {bpc:.4f} "
+    _emit(payload, args.json, f"{state} step {result.step}: {score} "
                               f"({result.tokens_per_second:,.0f} tok/s, {result.dtype}); "
                               f"checkpoint {result.checkpoint}")
     return 0

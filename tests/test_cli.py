@@ -108,3 +108,14 @@ def test_quickstart_runs_both_methods_end_to_end(tmp_path, capsys):
     assert code == 0 and set(report) == {"ar", "mdlm"}
     assert report["ar"]["exact"] and not report["mdlm"]["exact"]
     assert all(r["steps"] == 2 and r["test_bpc"] > 0 and len(r["samples"]) == 2 for r in report.values())
+
+
+def test_method_without_likelihood_and_unhonoured_sampling_options(trained, capsys, monkeypatch):
+    """eval of a method with no bound is one line; a sampler refuses what it cannot honour."""
+    from ddlm.methods.ar import AR
+
+    monkeypatch.setattr(AR, "has_likelihood", False)
+    assert "no likelihood for method 'ar'" in _error(["eval", str(trained)], capsys)
+    monkeypatch.undo()
+    assert "unknown ar sampler 'first_hitting'" in _error(
+        ["sample", str(trained), "--sampler", "first_hitting"], capsys)

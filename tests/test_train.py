@@ -148,3 +148,81 @@ def test_sigterm_checkpoints_then_stops(tmp_path):
     assert result.interrupted and result.step == 5
     assert load_for_inference(tmp_path).step == 5
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_crafted_trainer_state_is_refused_and_not_executed(tmp_path):
+    """Resume reads trainer_state.pt with weights_only=True: a pickle that would run code is a
+    one-line CheckpointError, and the code does not run."""
+    run = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "2"})
+    ckpt = train(run, tmp_path / "run", quiet=True).checkpoint
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"step": 2, "model": Payload()}, ckpt / "trainer_state.pt")
+    more = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "4"})
+    with pytest.raises(CheckpointError, match="refused"):
+        train(more, tmp_path / "run", quiet=True)
+    assert not marker.exists()
+
+
+def test_configs_of_earlier_versions_load(tmp_path):
+    """A config.json without model.block describes the plain backbone; sampling options stored under
+    the method then move to the sample section."""
+    run = make_config(base={**TINY, "method": "mdlm"},
+                      overrides={"train.steps": "1", "model.block": "plain", "model.dropout": "0"})
+    ckpt = train(run, tmp_path, quiet=True).checkpoint
+    config = json.loads((ckpt / "config.json").read_text())
+    del config["model"]["block"], config["sample"]["t_min"], config["sample"]["noise_removal"]
+    config["mdlm"].update(sampler="first_hitting", t_min=1e-4, noise_removal="argmax")
+    (ckpt / "config.json").write_text(json.dumps(config))
+    loaded = load_for_inference(tmp_path)
+    assert loaded.run.model.block == "plain" and loaded.model.noise_embed is None
+    assert (loaded.run.sample.sampler, loaded.run.sample.t_min, loaded.run.sample.noise_removal) == \
+        ("first_hitting", 1e-4, "argmax")
+
+
+def test_frozen_parts_stay_out_of_the_optimizer_and_ema(tmp_path, monkeypatch):
+    """A method may build a model with frozen parts: they are not optimised or averaged, do not
+    change, and are still saved and loaded with the rest."""
+    from ddlm.methods.ar import AR
+    from ddlm.nn.transformer import Transformer
+
+    def build_partly_frozen(self, model_cfg):
+        model = Transformer(model_cfg)
+        model.embed.weight.requires_grad_(False)
+        return model
+
+    monkeypatch.setattr(AR, "build_model", build_partly_frozen)
+    run = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "3", "model.dropout": "0"})
+    from ddlm.train.loop import Trainer
+
+    trainer = Trainer(run, tmp_path, quiet=True)
+    frozen = trainer.model.embed.weight.detach().clone()
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(trainer.model.embed.weight) not in optimised and "embed.weight" not in trainer.ema.shadow
+    result = trainer.fit()
+    assert torch.equal(trainer.model.embed.weight, frozen)
+    saved = load_file(result.checkpoint / "model.safetensors")
+    assert torch.equal(saved["embed.weight"], frozen)
+    assert not torch.equal(saved["head.weight"], trainer.model.head.weight.detach())  # EMA of the rest
+    assert torch.equal(load_for_inference(tmp_path).model.embed.weight.cpu(), frozen)
+
+
+def test_method_without_likelihood_validates_its_loss(tmp_path, monkeypatch, capsys):
+    from ddlm.cli import main
+    from ddlm.methods.ar import AR
+
+    monkeypatch.setattr(AR, "has_likelihood", False)
+    args = ["train", "--method", "ar", "--out", str(tmp_path), "--steps", "2", "--model.dim=32",
+            "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=16", "--train.batch_size=4",
+            "--train.eval_every=1", "--train.dtype=fp32", "--train.progress=false"]
+    assert main(args) == 0
+    assert "valid loss" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in rows if r.get("split") == "valid"]
+    assert len(valid) == 2 and all("val_loss" in r and "val_bpc" not in r for r in valid)
+    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] > 0 for r in valid)

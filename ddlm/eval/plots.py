@@ -27,9 +27,11 @@ def validation_curve(run_dir: str | Path) -> tuple[list[int], list[float], list[
 
 
 def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, title: str = "",
-                           reference: dict[str, float] | None = None) -> Path:
+                           reference: dict[str, float] | None = None,
+                           points: dict[str, tuple[list[int], list[float]]] | None = None) -> Path:
     """Write a PNG of validation BPC vs step for each labelled run (a bound for diffusion methods),
-    with ±1 standard-error bands and optional horizontal reference lines (label -> BPC)."""
+    with ±1 standard-error bands, optional horizontal reference lines (label -> BPC) and optional
+    series measured elsewhere (label -> (steps, BPC)), drawn dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +43,8 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
         line, = ax.plot(steps, bpc, marker="o", markersize=3, label=label)
         ax.fill_between(steps, [b - e for b, e in zip(bpc, err)], [b + e for b, e in zip(bpc, err)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
+    for label, (steps, bpc) in (points or {}).items():
+        ax.plot(steps, bpc, marker="s", markersize=4, linestyle="--", label=label)
     for label, value in (reference or {}).items():
         ax.axhline(value, color="grey", linestyle="--", linewidth=1)
         ax.annotate(label, (ax.get_xlim()[1], value), xytext=(-4, 3), textcoords="offset points",

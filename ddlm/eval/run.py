@@ -46,7 +46,8 @@ def checkpoint_info(path) -> dict:
     info = {"checkpoint": str(loaded.path), "method": run.method, "step": loaded.step,
             "parameters": sum(p.numel() for p in loaded.model.parameters()),
             "model": f"d={run.model.dim} layers={run.model.n_layers} heads={run.model.n_heads} "
-                     f"context={run.model.max_len} time_conditioning={run.model.time_conditioning}",
+                     f"context={run.model.max_len} block={run.model.block} "
+                     f"time_conditioning={run.model.time_conditioning}",
             "tokenizer": f"{loaded.tokenizer.name} (vocab {loaded.tokenizer.vocab_size})",
             "corpus": run.data.corpus}
     metrics = loaded.path.parent.parent / "metrics.jsonl"

@@ -5,11 +5,10 @@ from ddlm.config import ModelConfig
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights that take part in matrix multiplies (all linear layers and the output head)."""
+    """Weights that multiply every token (attention, MLP and the output head). The adaLN modulation
+    is computed once per sequence (or per block), not per token, so it is not counted."""
     hidden = int(cfg.mlp_ratio * cfg.dim)
     per_block = 3 * cfg.dim * cfg.dim + cfg.dim * cfg.dim + 2 * cfg.dim * hidden
-    if cfg.time_conditioning:
-        per_block += cfg.cond_dim * 6 * cfg.dim
     return cfg.n_layers * per_block + cfg.dim * cfg.vocab_size
 
 

@@ -154,7 +154,7 @@ def slide_windows(window: Callable[[torch.Tensor | None, int], tuple[torch.Tenso
 def gumbel_argmax(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Draw from Cat(softmax(logp)) over the last axis with Gumbel noise in float64.
 
-    float32 Gumbel noise truncates the tail (METHODS.md §6.1) and flatters generative perplexity.
+    float32 Gumbel noise truncates the tail (docs/methods.md §7) and flatters generative perplexity.
     """
     logp = logp.double()
     u = torch.rand(logp.shape, dtype=torch.float64, generator=generator, device=logp.device)

@@ -2,7 +2,7 @@
 
 Both run the reverse CTMC on the grid linspace(1, t_min, T + 1), every position updated in
 parallel from one network call, then one last analytic step from t_min to sigma_bar = 0. Scores
-depend on sigma_bar, so no call is ever reused (METHODS.md §2). Draws use float64 Gumbel noise.
+depend on sigma_bar, so no call is ever reused (docs/methods.md §4.6). Draws use float64 Gumbel noise.
 
 Euler (SEDD §4.1): from x_t, jump to y != x_t with probability dt sigma(t) Q(x_t, y) s_y, else stay.
 Analytic (SEDD Thm 4.2), with d = sigma_bar(t) - sigma_bar(s):
