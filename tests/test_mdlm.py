@@ -2,9 +2,8 @@
 conditionals are the ideal SUBS denoiser, so the NELBO must equal -log p(x), the ancestral sampler
 must converge to the joint, and conditional samples to the conditionals (METHODS.md §7).
 
-Samplers are in this file too, so the exact-joint helpers are written once.
+Samplers are in this file too; the exact-joint helpers live in tests/conftest.py.
 """
-import itertools
 import math
 
 import numpy as np
@@ -12,77 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddlm.config import ModelConfig, SampleConfig
+from ddlm.config import SampleConfig
 from ddlm.errors import ConfigError
 from ddlm.methods.base import method_class
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.methods.noise import stratified_uniform
-from ddlm.nn.transformer import Transformer
 from ddlm.process.schedules import Cosine, Geometric, Linear, LogLinear, build_schedule
 from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
 from ddlm.sampling.base import SemiAutoregressiveSampler
 
-V, L, MASK = 3, 3, 3  # data symbols 0..2, MASK = 3
-SEQS = torch.tensor(list(itertools.product(range(V), repeat=L)))  # (27, L)
-PLACE = torch.tensor([V ** (L - 1 - i) for i in range(L)])  # sequence -> index into SEQS
-
-
-def make_joint(seed: int = 0, concentration: float = 0.3) -> torch.Tensor:
-    """A random, strongly correlated joint over the 27 sequences (Dirichlet draw), float64."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch._standard_gamma(torch.full((V ** L,), concentration, dtype=torch.float64), generator=g)
-    return x / x.sum()
-
-
-JOINT = make_joint()
-
-
-class ExactDenoiser:
-    """A `model` whose logits are log p(x_l | unmasked positions of z) (exact SUBS target).
-
-    The MASK logit is an arbitrary large number (SUBS must zero it) and unmasked positions get the
-    same conditional as masked ones would (SUBS must carry the token over)."""
-
-    def __init__(self, joint: torch.Tensor) -> None:
-        self.joint, self.calls = joint, 0
-        self.onehot = F.one_hot(SEQS, V + 1).double()  # (27, L, V+1)
-
-    def __call__(self, z, *, sigma=None, mask=None, **_):
-        self.calls += 1
-        compatible = ((z[:, None, :] == MASK) | (z[:, None, :] == SEQS[None])).all(-1)  # (B, 27)
-        post = compatible * self.joint
-        post = post / post.sum(1, keepdim=True)
-        logits = torch.einsum("bs,slv->blv", post, self.onehot).log()  # (B, L, V+1)
-        logits[..., MASK] = 9.0
-        return logits
-
-
-def conditional(joint: torch.Tensor, x: tuple, visible: tuple, i: int) -> float:
-    """p(x_i | x_visible) by summing the joint table (independent of the code under test)."""
-    table = joint.view(V, V, V).numpy()
-    keep = [slice(None)] * L
-    for j in visible:
-        keep[j] = x[j]
-    given = table[tuple(keep)].sum()
-    keep[i] = x[i]
-    return float(table[tuple(keep)].sum() / given)
-
-
-def patterns():
-    """All 2^L mask patterns as (L,) bool tensors."""
-    return [torch.tensor(bits, dtype=torch.bool) for bits in itertools.product([False, True], repeat=L)]
-
-
-def pattern_cost(joint, x: tuple, masked: torch.Tensor) -> float:
-    """sum over masked i of -log p(x_i | x_unmasked)."""
-    visible = tuple(j for j in range(L) if not masked[j])
-    return sum(-math.log(conditional(joint, x, visible, i)) for i in range(L) if masked[i])
-
-
-def gauss_legendre(a: float, b: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    nodes, weights = np.polynomial.legendre.leggauss(n)
-    t = (b - a) / 2 * torch.from_numpy(nodes) + (a + b) / 2
-    return t, (b - a) / 2 * torch.from_numpy(weights)
+from conftest import (JOINT, MASK, PLACE, SEQS, ExactDenoiser, L, V, gauss_legendre, pattern_cost,
+                      patterns, tiny_transformer)
 
 
 def exact_integrand(schedule, joint, x: tuple, t: torch.Tensor) -> torch.Tensor:
@@ -114,19 +53,6 @@ def product_of_marginals(joint: torch.Tensor) -> torch.Tensor:
     table = joint.view(V, V, V)
     m = [table.sum(dim=tuple(j for j in range(L) if j != i)) for i in range(L)]
     return torch.einsum("a,b,c->abc", *m).reshape(-1)
-
-
-def tiny_transformer(time_conditioning=False, vocab=11, max_len=8, seed=0):
-    """A gated backbone (the diffusion default) with its zero-initialised gates and output layer
-    perturbed, so that its output depends on the input and on sigma."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, max_len=max_len, dim=32, n_layers=1, n_heads=2,
-                      time_conditioning=time_conditioning, block="gated")
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
 
 
 def method11(**kw) -> MDLM:
@@ -404,13 +330,49 @@ def test_prefix_and_infilling_sample_the_conditional(kind):
 
 # ------------------------------------------------------------------ samplers, a real backbone
 
-def test_no_change_cache_gives_same_tokens_with_fewer_nfe():
+def traced_ancestral(model, *, use_cache: bool, steps: int = 256, n: int = 4, length: int = 8, seed: int = 3):
+    """Run AncestralSampler(method11(), steps, use_cache, top_p=0.9) while logging every posterior
+    step (z before, z after) and every network call (how many steps came before it, its z)."""
+    sampler = AncestralSampler(method11(), steps=steps, use_cache=use_cache, top_p=0.9)
+    steps_log, calls = [], []
+    real_step = sampler.posterior_step
+
+    def logged_step(z, x0, t, s, generator):
+        z_next = real_step(z, x0, t, s, generator)
+        steps_log.append((z.clone(), z_next.clone()))
+        return z_next
+
+    def spy(z, **kw):
+        calls.append((len(steps_log), z.clone()))
+        return model(z, **kw)
+
+    sampler.posterior_step = logged_step
+    gen = sampler.generate(spy, n, length, generator=torch.Generator().manual_seed(seed))
+    return gen, steps_log, calls
+
+
+def test_no_change_cache_calls_the_network_after_every_change_and_matches_uncached():
+    """With the cache on, the network is called before the first step and right after every step
+    that changed a token (the noise-removal step included), and never otherwise; each call sees
+    the current z. Cached and uncached samplers give identical tokens under one seed, and the
+    cache does save calls. (A cache never cleared, cleared one step late or never used fails.)"""
     model = tiny_transformer()
-    gens = [AncestralSampler(method11(), steps=256, use_cache=c, top_p=0.9)
-            .generate(model, 4, 8, generator=torch.Generator().manual_seed(3)) for c in (True, False)]
-    assert torch.equal(gens[0].tokens, gens[1].tokens) and not (gens[0].tokens == 10).any()
-    assert gens[0].nfe < gens[1].nfe <= 257
-    assert gens[0].nfe <= 4 * 8 + 1  # at most one call per change
+    runs = {c: traced_ancestral(model, use_cache=c) for c in (True, False)}
+    (cached, steps, calls), (plain, plain_steps, plain_calls) = runs[True], runs[False]
+    assert torch.equal(cached.tokens, plain.tokens) and not (cached.tokens == 10).any()
+    assert cached.nfe < plain.nfe <= 257
+    assert cached.nfe <= 4 * 8 + 1  # at most one call per change
+    for gen, log, seen, use_cache in ((cached, steps, calls, True), (plain, plain_steps, plain_calls, False)):
+        assert (log[0][0] == 10).all() and all((a == 10).any() for a, _ in log)  # no empty steps
+        assert all(torch.equal(log[k][0], log[k - 1][1]) for k in range(1, len(log)))
+        changed = [not torch.equal(a, b) for a, b in log]
+        expected = [k for k in range(len(log)) if k == 0 or changed[k - 1] or not use_cache]
+        assert [k for k, _ in seen] == expected
+        assert all(torch.equal(z, log[k][0]) for k, z in seen)
+        assert gen.nfe == len(seen)
+    assert len(steps) == len(plain_steps)  # the same trajectory, step by step
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(steps, plain_steps))
+    assert 0 < sum(changed) < len(changed)  # some steps changed nothing: the cache had work to do
 
 
 def test_time_conditioned_model_turns_the_cache_off():

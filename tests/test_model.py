@@ -74,12 +74,9 @@ def test_noise_conditioning_changes_output_only_when_enabled():
 
 
 def test_gated_blocks_start_as_the_identity():
-    """adaLN-zero: with zero gates no position sees another and logits start uniform."""
+    """adaLN-zero: with zero gates every block is the identity, so no position sees another."""
     model = tiny(block="gated")
     x = torch.randint(0, 11, (2, 8))
-    assert torch.equal(model(x, mask="bidirectional"), torch.zeros(2, 8, 11))
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.weight)  # only the output layer: blocks stay the identity
     y = x.clone()
     y[:, 3] = (y[:, 3] + 1) % 11
     a, b = model(x, mask="bidirectional"), model(y, mask="bidirectional")

@@ -1,8 +1,8 @@
 """SEDD against exact answers (METHODS.md §2, §7).
 
 A tiny joint over 3 tokens and L = 2 positions: its exact concrete scores at every time are
-computed here from a matrix exponential of the graph's rate matrix (independently of
-ddlm/process/graphs.py). Fed those scores, the code's bound must equal -log p(x) by quadrature
+computed in tests/conftest.py from a matrix exponential of the graph's rate matrix (independently
+of ddlm/process/graphs.py). Fed those scores, the code's bound must equal -log p(x) by quadrature
 over t, for the absorbing and the uniform graph. Absorbing SEDD with softmax scores must equal
 MDLM's per-token loss (the parity of METHODS.md §2).
 """
@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,35 +19,12 @@ from ddlm.methods.mdlm import MDLM, MDLMConfig
 from ddlm.methods.sedd import SEDD, SEDDConfig, score_entropy
 from ddlm.nn.transformer import Transformer
 
+from conftest import ExactScores, all_sequences, dirichlet_joint, gauss_legendre, kernel
+
 N, L, MASK = 3, 2, 3  # tokens 0..2, MASK = 3; the vocabulary has 4 ids
 VOCAB = N + 1
-SEQS = torch.tensor(list(itertools.product(range(N), repeat=L)))  # (9, 2)
-
-
-def make_joint(seed=0, concentration=0.4) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch._standard_gamma(torch.full((N ** L,), concentration, dtype=torch.float64), generator=g)
-    return (x / x.sum()).view(N, N)
-
-
-JOINT = make_joint()
-
-
-def rate_matrix(graph: str) -> torch.Tensor:
-    """Q[y, x] = rate from x to y over the 4 ids (columns sum to 0)."""
-    Q = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
-    if graph == "absorbing":
-        for x in range(N):
-            Q[MASK, x], Q[x, x] = 1.0, -1.0
-    else:  # uniform over the N tokens; MASK is not a state
-        Q[:N, :N] = 1.0 / N
-        Q[range(N), range(N)] -= 1.0
-    return Q
-
-
-def kernel(graph: str, sigma_bar: torch.Tensor) -> torch.Tensor:
-    """(B, 4, 4) K[b, y, x] = p_{t|0}(y | x) = exp(sigma_bar Q)[y, x]."""
-    return torch.linalg.matrix_exp(sigma_bar.double()[:, None, None] * rate_matrix(graph))
+SEQS = all_sequences(N, L)  # (9, 2)
+JOINT = dirichlet_joint(N ** L, seed=0, concentration=0.4).view(N, N)
 
 
 def marginal_table(graph: str, sigma_bar: torch.Tensor) -> torch.Tensor:
@@ -57,32 +33,13 @@ def marginal_table(graph: str, sigma_bar: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bya,bzc,ac->byz", K, K, JOINT)
 
 
-class ExactScores:
-    """A `model` whose logits give SEDD's exact log concrete scores at a known sigma_bar per row."""
-
-    def __init__(self, graph: str, n_tokens: int) -> None:
-        self.graph, self.n_tokens, self.sigma_bar = graph, n_tokens, None
-
-    def __call__(self, z, *, sigma=None, mask=None, **_):
-        sigma_bar = self.sigma_bar if self.sigma_bar is not None else sigma.double().reshape(len(z))
-        T = marginal_table(self.graph, sigma_bar)  # (B, 4, 4)
-        rows = torch.arange(len(z))
-        here = T[rows, z[:, 0], z[:, 1]][:, None]  # (B, 1)
-        s0 = T[rows, :, z[:, 1]] / here  # (B, 4): z1 replaced by y
-        s1 = T[rows, z[:, 0], :] / here
-        log_s = torch.stack([s0, s1], dim=1).log()  # (B, 2, 4)
-        if self.graph == "absorbing":  # undo the method's output scaling
-            log_s = log_s + torch.log(torch.expm1(sigma_bar))[:, None, None] + math.log(self.n_tokens)
-        return log_s
+def exact_scores(graph: str, n_tokens: int) -> ExactScores:
+    """Exact scores of the two-position JOINT (conftest.ExactScores)."""
+    return ExactScores(graph, n_tokens, joint=JOINT.reshape(-1), n_symbols=N, length=L)
 
 
 def method(**kw) -> SEDD:
     return SEDD(SEDDConfig(**kw), vocab_size=VOCAB, mask_id=MASK, bos_id=0, pad_id=0)
-
-
-def gauss_legendre(a, b, n):
-    nodes, weights = np.polynomial.legendre.leggauss(n)
-    return ((b - a) / 2 * torch.from_numpy(nodes) + (a + b) / 2, (b - a) / 2 * torch.from_numpy(weights))
 
 
 def exact_bound(m: SEDD, graph: str, n_nodes: int) -> torch.Tensor:
@@ -95,7 +52,7 @@ def exact_bound(m: SEDD, graph: str, n_nodes: int) -> torch.Tensor:
     zt = zs[None, None].expand(S, Q, Z, L).reshape(-1, L)
     tt = t[None, :, None].expand(S, Q, Z).reshape(-1)
     sigma_bar = m.schedule.total_noise(tt)
-    model = ExactScores(graph, m.graph.n_tokens if graph == "absorbing" else N)
+    model = exact_scores(graph, m.graph.n_tokens if graph == "absorbing" else N)
     model.sigma_bar = sigma_bar
     dse = m.position_dse(model, x0, zt, tt[:, None]).sum(1)  # (S Q Z,)
     K = kernel(graph, sigma_bar)
@@ -196,7 +153,7 @@ def test_monte_carlo_bound_is_unbiased_for_the_quadrature(graph):
     reference = exact_bound(m, graph, 96)
     reps = 400
     x0 = SEQS.repeat(reps, 1)
-    model = ExactScores(graph, m.graph.n_tokens if graph == "absorbing" else N)
+    model = exact_scores(graph, m.graph.n_tokens if graph == "absorbing" else N)
     out = m.nll_bound(model, x0, n_samples=2, generator=torch.Generator().manual_seed(0)).nll
     per_seq = out.view(reps, len(SEQS))
     mean, se = per_seq.mean(0), per_seq.std(0) / math.sqrt(reps)
@@ -221,20 +178,9 @@ def test_training_step_runs_and_config_is_checked():
 from ddlm.sampling.score import ScoreSampler  # noqa: E402
 
 
-class ExactScores1:
+def exact_scores1(graph: str, n_tokens: int) -> ExactScores:
     """Exact scores of one position whose law is the first marginal of JOINT."""
-
-    def __init__(self, graph: str, n_tokens: int) -> None:
-        self.graph, self.n_tokens = graph, n_tokens
-        self.p = JOINT.sum(1)
-
-    def __call__(self, z, *, sigma=None, mask=None, **_):
-        sb = sigma.double().reshape(len(z))
-        pt = torch.einsum("byx,x->by", kernel(self.graph, sb)[:, :, :N], self.p)  # (B, 4)
-        log_s = (pt / pt.gather(1, z)).log()[:, None, :]  # (B, 1, 4)
-        if self.graph == "absorbing":
-            log_s = log_s + torch.log(torch.expm1(sb))[:, None, None] + math.log(self.n_tokens)
-        return log_s
+    return ExactScores(graph, n_tokens, joint=JOINT.sum(1), n_symbols=N, length=1)
 
 
 def sampler_method(graph):
@@ -252,7 +198,7 @@ def total_variation(tokens: torch.Tensor, p: torch.Tensor) -> float:
 @pytest.mark.parametrize("graph", ["absorbing", "uniform"])
 def test_analytic_step_is_exact_for_one_position(graph):
     m = sampler_method(graph)
-    model = ExactScores1(graph, m.graph.n_tokens if graph == "absorbing" else N)
+    model = exact_scores1(graph, m.graph.n_tokens if graph == "absorbing" else N)
     out = ScoreSampler(m, steps=2).generate(model, 40000, 1, generator=torch.Generator().manual_seed(0))
     assert out.nfe == 3 and not (out.tokens == MASK).any()
     assert total_variation(out.tokens, JOINT.sum(1)) < 0.01
@@ -262,7 +208,7 @@ def test_analytic_step_is_exact_for_one_position(graph):
 @pytest.mark.parametrize("graph", ["absorbing", "uniform"])
 def test_samplers_converge_to_the_joint_as_steps_grow(graph, predictor):
     m = sampler_method(graph)
-    model = ExactScores(graph, m.graph.n_tokens if graph == "absorbing" else N)
+    model = exact_scores(graph, m.graph.n_tokens if graph == "absorbing" else N)
     g = torch.Generator().manual_seed(0)
     tvs = [total_variation(ScoreSampler(m, steps=T, predictor=predictor).generate(
         model, 20000, L, generator=g).tokens, JOINT) for T in (1, 64)]
@@ -278,7 +224,7 @@ def test_prompt_and_template_positions_are_kept(graph):
     follows the exact conditional. Uniform noise cannot mark a token as clean, so there the
     clamped prompt is SEDD's approximate conditioning and only its positions are checked."""
     m = sampler_method(graph)
-    model = ExactScores(graph, m.graph.n_tokens if graph == "absorbing" else N)
+    model = exact_scores(graph, m.graph.n_tokens if graph == "absorbing" else N)
     g = torch.Generator().manual_seed(0)
     out = ScoreSampler(m, steps=8).generate(model, 4000, 1, prompt=torch.tensor([2]), generator=g)
     assert (out.tokens[:, 0] == 2).all() and (out.tokens[:, 1] < N).all()

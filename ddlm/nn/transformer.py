@@ -7,10 +7,10 @@ Two kinds of block (`ModelConfig.block`):
          are also modulated by the noise level (the layout of ddlm's first diffusion runs).
   gated  adaLN-zero (DiT, Peebles & Xie 2023, as in the MDLM/SEDD backbone): every block's
          attention and MLP branches get a shift, scale and gate computed from a conditioning vector
-         c = SiLU(embed(sigma)); the gates and the output layer start at zero, so every block starts
-         as the identity and the first logits are uniform; MLP biases; PyTorch-default init. When the
-         method does not feed the noise level, sigma = 0 and c is a learned constant: the output
-         then does not depend on t (MDLM's no-change cache stays valid).
+         c = SiLU(embed(sigma)); the modulation starts at zero, so every block starts as the
+         identity; MLP biases, LayerNorm weights. When the method does not feed the noise level,
+         sigma = 0 and c is a learned constant: the output then does not depend on t (MDLM's
+         no-change cache stays valid).
 Conditioning may be per sequence, sigma (B,) or (B, 1), or per position: (B, L), or (B, K) with K
 dividing L, each of K equal contiguous groups of positions sharing one noise level (one per block).
 """
@@ -163,11 +163,12 @@ class Transformer(nn.Module):
         self.rotary.precompute(2 * cfg.max_len)
 
     def _init_gated(self) -> None:
-        """adaLN-zero: PyTorch-default Linear init; the embedding uniform(+-1/sqrt(D)) as in the
-        MDLM DiT; every modulation and the output layer zero, so blocks start as the identity."""
-        nn.init.kaiming_uniform_(self.embed.weight, a=math.sqrt(5))
-        zero = [block.modulation for block in self.blocks] + [self.final_modulation, self.head]
-        for layer in zero:
+        """adaLN-zero: every modulation starts at zero, so every block starts as the identity; the
+        other weights as the plain block's (N(0, 0.02), residual projections scaled by depth).
+        Measured on Austen (MDLM, quickstart config, valid bound after 250 steps): 3.36 bits with
+        this init against 3.80 with PyTorch-default Linear init and a zero output layer."""
+        self._init_weights()
+        for layer in [block.modulation for block in self.blocks] + [self.final_modulation]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 

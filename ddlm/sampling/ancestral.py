@@ -47,11 +47,13 @@ class MaskedSampler(Sampler):
     def posterior_step(self, z: torch.Tensor, x0: torch.Tensor, t: float | torch.Tensor,
                        s: float | torch.Tensor, generator) -> torch.Tensor:
         """Part 2: z_s ~ q(z_s | z_t, x_0); a MASK unmasks to x_0 with probability (m_t - m_s)/m_t.
-        t, s scalars or (B,); s = 0 unmasks every token."""
+        t, s scalars or (B,); s = 0 unmasks every token, whatever m(0) the schedule has."""
         shape = (z.shape[0], 1)
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(shape[0])[:, None]
         s = torch.as_tensor(s, dtype=torch.float64, device=z.device).expand(shape[0])[:, None]
-        m_t, m_s = self.method.schedule.mask_prob(t), self.method.schedule.mask_prob(s)
+        m_t = self.method.schedule.mask_prob(t)
+        # s = 0 is the data: every token clean (a schedule such as geometric has m(0) > 0)
+        m_s = torch.where(s > 0, self.method.schedule.mask_prob(s), torch.zeros_like(s))
         u = torch.rand(z.shape, dtype=torch.float64, generator=generator, device=z.device)
         unmask = (z == self.method.mask_id) & (u * m_t >= m_s)
         return torch.where(unmask, x0, z)
@@ -63,8 +65,8 @@ class AncestralSampler(MaskedSampler):
     No-change cache: when no token changed in a step and the method is not time-conditioned,
     x_theta(z_t) is reused without a network call (nfe counts real calls); a step that starts with
     no MASK left calls nothing. The cache is off when time-conditioned (the output depends on t).
-    Noise removal: tokens still masked at t_min are drawn by one more step to t = 0 (alpha_0 = 1),
-    or set to argmax x_theta; only masked positions change.
+    Noise removal: tokens still masked at t_min are drawn by one more step to the data (s = 0,
+    every token unmasked), or set to argmax x_theta; only masked positions change.
     """
 
     def __init__(self, method, *, steps: int = 256, use_cache: bool = True, t_min: float = 1e-5,

@@ -1,0 +1,262 @@
+"""Exact fixtures shared by the test files: an enumerable tiny joint and models that know it.
+
+Everything here is computed from the joint table and the forward process as specified (docs/
+methods.md), independently of the code under test:
+
+  JOINT over SEQS          a Dirichlet draw over all V^L sequences (V = 3 symbols, L = 3), float64
+  conditional(...)         p(x_i | x_visible) by summing the table
+  ExactDenoiser            MDLM's ideal SUBS target: logits = log p(x_l | unmasked positions of z)
+  ExactScores              SEDD's exact concrete scores p_t(z with z_l = y) / p_t(z), absorbing or
+                           uniform graph, from the matrix exponential of the graph's rate matrix
+  ExactAR                  logits = log p(x_{i+1} | x_1..x_i) for the BOS-shifted input (with an
+                           optional cache, so ARSampler can draw from it)
+  EXACT_MODELS             method name -> callable(method) -> its exact model on JOINT; a new
+                           method joins tests/test_contract.py's bound check by adding an entry
+
+Import them as plain helpers (`from conftest import JOINT, ExactDenoiser`): tests/ has no
+__init__.py, so pytest's default (prepend) import mode puts tests/ on sys.path and this module is
+importable by name.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+V, L, MASK = 3, 3, 3  # data symbols 0..V-1, MASK = V; the tiny vocabulary has V + 1 ids
+
+
+def all_sequences(n_symbols: int, length: int) -> torch.Tensor:
+    """(n_symbols^length, length) every sequence, in lexicographic order."""
+    return torch.tensor(list(itertools.product(range(n_symbols), repeat=length)), dtype=torch.long
+                        ).reshape(-1, length)
+
+
+def dirichlet_joint(n_cells: int, seed: int = 0, concentration: float = 0.3) -> torch.Tensor:
+    """(n_cells,) float64: a random, strongly correlated law (a symmetric Dirichlet draw)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch._standard_gamma(torch.full((n_cells,), concentration, dtype=torch.float64), generator=g)
+    return x / x.sum()
+
+
+SEQS = all_sequences(V, L)  # (27, L)
+PLACE = torch.tensor([V ** (L - 1 - i) for i in range(L)])  # sequence -> index into SEQS
+
+
+def make_joint(seed: int = 0, concentration: float = 0.3) -> torch.Tensor:
+    """A random joint over the V^L sequences of SEQS (Dirichlet draw), float64."""
+    return dirichlet_joint(V ** L, seed, concentration)
+
+
+JOINT = make_joint()
+
+
+def gauss_legendre(a: float, b: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights (float64) of n-point Gauss-Legendre quadrature on [a, b]."""
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    t = (b - a) / 2 * torch.from_numpy(nodes) + (a + b) / 2
+    return t, (b - a) / 2 * torch.from_numpy(weights)
+
+
+# ------------------------------------------------------------------------- exact conditionals
+
+def conditional(joint: torch.Tensor, x: tuple, visible: tuple, i: int, *, n_symbols: int = V) -> float:
+    """p(x_i | x_visible) by summing the joint table over the other positions."""
+    length = round(math.log(joint.numel(), n_symbols))
+    table = joint.view((n_symbols,) * length).numpy()
+    keep = [slice(None)] * length
+    for j in visible:
+        keep[j] = x[j]
+    given = table[tuple(keep)].sum()
+    keep[i] = x[i]
+    return float(table[tuple(keep)].sum() / given)
+
+
+def patterns(length: int = L) -> list[torch.Tensor]:
+    """All 2^length mask patterns as (length,) bool tensors."""
+    return [torch.tensor(bits, dtype=torch.bool) for bits in itertools.product([False, True], repeat=length)]
+
+
+def pattern_cost(joint, x: tuple, masked: torch.Tensor) -> float:
+    """sum over masked i of -log p(x_i | x_unmasked)."""
+    length = len(x)
+    visible = tuple(j for j in range(length) if not masked[j])
+    return sum(-math.log(conditional(joint, x, visible, i)) for i in range(length) if masked[i])
+
+
+# ------------------------------------------------------------------------------- MDLM: denoiser
+
+class ExactDenoiser:
+    """A `model` whose logits are log p(x_l | unmasked positions of z) (the exact SUBS target).
+
+    The MASK logit is an arbitrary large number (SUBS must zero it), ids that are neither data
+    symbols nor MASK get -inf, and unmasked positions get the same conditional as masked ones would
+    (SUBS must carry the token over). `calls` counts the calls."""
+
+    def __init__(self, joint: torch.Tensor = JOINT, *, n_symbols: int = V, length: int = L,
+                 mask_id: int = MASK, vocab: int | None = None, mask_logit: float = 9.0) -> None:
+        self.joint, self.calls = joint, 0
+        self.seqs = all_sequences(n_symbols, length)
+        self.mask_id, self.mask_logit = mask_id, mask_logit
+        self.vocab = vocab if vocab is not None else max(n_symbols, mask_id) + 1
+        self.onehot = F.one_hot(self.seqs, self.vocab).double()  # (S, L, vocab)
+
+    def __call__(self, z, *, sigma=None, mask=None, **_):
+        self.calls += 1
+        seqs = self.seqs.to(z.device)
+        compatible = ((z[:, None, :] == self.mask_id) | (z[:, None, :] == seqs[None])).all(-1)  # (B, S)
+        post = compatible * self.joint.to(z.device)
+        post = post / post.sum(1, keepdim=True)
+        logits = torch.einsum("bs,slv->blv", post, self.onehot.to(z.device)).log()  # (B, L, vocab)
+        logits[..., self.mask_id] = self.mask_logit
+        return logits
+
+
+# -------------------------------------------------------------------------------- SEDD: scores
+
+def rate_matrix(graph: str, vocab: int = V + 1, mask_id: int = MASK) -> torch.Tensor:
+    """Q[y, x] = rate from x to y over `vocab` ids (columns sum to 0), as specified in
+    docs/methods.md §4.1: absorbing sends every non-MASK id to MASK at rate 1; uniform jumps among
+    the non-MASK ids at rate 1 to a uniform one (MASK is not a state)."""
+    Q = torch.zeros(vocab, vocab, dtype=torch.float64)
+    states = [i for i in range(vocab) if i != mask_id]
+    if graph == "absorbing":
+        for x in states:
+            Q[mask_id, x], Q[x, x] = 1.0, -1.0
+    elif graph == "uniform":
+        for x in states:
+            for y in states:
+                Q[y, x] = 1.0 / len(states)
+            Q[x, x] -= 1.0
+    else:
+        raise ValueError(graph)
+    return Q
+
+
+def kernel(graph: str, sigma_bar: torch.Tensor, vocab: int = V + 1, mask_id: int = MASK) -> torch.Tensor:
+    """(B, vocab, vocab) K[b, y, x] = p_{t|0}(y | x) = exp(sigma_bar Q)[y, x]."""
+    Q = rate_matrix(graph, vocab, mask_id)
+    return torch.linalg.matrix_exp(sigma_bar.double().reshape(-1)[:, None, None] * Q)
+
+
+class ExactScores:
+    """A `model` whose logits give SEDD's exact log concrete scores of the joint `joint` over
+    `all_sequences(n_symbols, length)`: s[b, l, y] = p_t(z with z_l = y) / p_t(z) with
+    p_t = K^{(x) L} joint, K = exp(sigma_bar Q). sigma_bar is read from the model's `sigma`
+    argument (a time-conditioned method), or set per row in `.sigma_bar`. For the absorbing graph
+    the method's output scaling (log expm1(sigma_bar) + log n_tokens) is undone."""
+
+    def __init__(self, graph: str, n_tokens: int, *, joint: torch.Tensor = JOINT, n_symbols: int = V,
+                 length: int = L, vocab: int = V + 1, mask_id: int = MASK) -> None:
+        self.graph, self.n_tokens, self.sigma_bar = graph, n_tokens, None
+        self.joint, self.vocab, self.mask_id = joint, vocab, mask_id
+        self.seqs = all_sequences(n_symbols, length)
+        self.n_symbols, self.calls = n_symbols, 0
+
+    @classmethod
+    def for_method(cls, method, *, joint: torch.Tensor = JOINT, n_symbols: int = V, length: int = L):
+        n_tokens = method.graph.n_tokens if method.cfg.graph == "absorbing" else method.graph.n_states
+        return cls(method.cfg.graph, n_tokens, joint=joint, n_symbols=n_symbols, length=length,
+                   vocab=method.vocab_size, mask_id=method.mask_id)
+
+    def __call__(self, z, *, sigma=None, mask=None, **_):
+        self.calls += 1
+        B, length = z.shape
+        sigma_bar = self.sigma_bar if self.sigma_bar is not None else sigma.double().reshape(B)
+        levels, row_level = torch.unique(sigma_bar, return_inverse=True)  # one matrix_exp per level
+        K = kernel(self.graph, levels, self.vocab, self.mask_id)[row_level][:, :, :self.n_symbols]  # (B, vocab, n)
+        rows = torch.arange(B)
+        Kz = K[rows[:, None], z]  # (B, L, n): K(z_j | a)
+        fac = torch.stack([Kz[:, j, self.seqs[:, j]] for j in range(length)], 1)  # (B, L, S)
+        here = (self.joint[None] * fac.prod(1)).sum(1)  # (B,) p_t(z)
+        out = []
+        for l in range(length):
+            others = self.joint[None] * torch.cat([fac[:, :l], fac[:, l + 1:]], 1).prod(1)  # (B, S)
+            numer = torch.einsum("bs,bys->by", others, K[:, :, self.seqs[:, l]])  # (B, vocab)
+            out.append(numer / here[:, None])
+        log_s = torch.stack(out, 1).log()  # (B, L, vocab)
+        if self.graph == "absorbing":
+            log_s = log_s + torch.log(torch.expm1(sigma_bar))[:, None, None] + math.log(self.n_tokens)
+        return log_s
+
+
+# ----------------------------------------------------------------------------------- AR: logits
+
+class ExactAR:
+    """A causal `model` whose logits at position i are log p(x_{i+1} = . | x_1..x_i) of the joint,
+    for the BOS-shifted input [BOS, x_1, ..]: the token at position 0 is never read (so BOS may
+    share an id with a data symbol). With `new_cache` it continues a cached prefix, as ARSampler
+    calls it."""
+
+    class Cache:
+        def __init__(self) -> None:
+            self.tokens = None
+
+    def __init__(self, joint: torch.Tensor = JOINT, *, n_symbols: int = V, length: int = L,
+                 vocab: int = V + 1) -> None:
+        self.joint, self.vocab, self.n_symbols = joint, vocab, n_symbols
+        self.seqs = all_sequences(n_symbols, length)
+        self.calls = 0
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> "ExactAR.Cache":
+        return ExactAR.Cache()
+
+    def __call__(self, tokens, *, sigma=None, mask=None, cache=None, **_):
+        assert mask == "causal", mask
+        self.calls += 1
+        new = tokens.shape[1]
+        if cache is not None:
+            tokens = tokens if cache.tokens is None else torch.cat([cache.tokens, tokens], 1)
+            cache.tokens = tokens
+        B, n = tokens.shape
+        logits = torch.full((B, n, self.vocab), float("-inf"), dtype=torch.float64)
+        for i in range(min(n, self.seqs.shape[1])):
+            prefix = tokens[:, 1:i + 1]  # x_1..x_i
+            compatible = (self.seqs[None, :, :i] == prefix[:, None, :]).all(-1)  # (B, S)
+            post = compatible * self.joint[None]
+            nxt = torch.zeros(B, self.n_symbols, dtype=torch.float64).index_add_(
+                1, self.seqs[:, i], post)  # (B, n) mass of x_{i+1} = y
+            logits[:, i, :self.n_symbols] = (nxt / nxt.sum(1, keepdim=True)).log()
+        return logits[:, n - new:]
+
+
+# ------------------------------------------------------------------------------------ registry
+
+def _exact_sedd(method):
+    return ExactScores.for_method(method)
+
+
+def _exact_mdlm(method):
+    return ExactDenoiser(JOINT, vocab=method.vocab_size, mask_id=method.mask_id)
+
+
+def _exact_ar(method):
+    return ExactAR(JOINT, vocab=method.vocab_size)
+
+
+EXACT_MODELS: dict[str, Callable] = {"ar": _exact_ar, "mdlm": _exact_mdlm, "sedd": _exact_sedd}
+"""method name -> callable(method) -> a model that is exact for JOINT (data symbols 0..V-1, L = 3)
+with that method's parameterisation; the method is built with vocab_size = V + 1, mask_id = MASK,
+bos_id = pad_id = 0 (see tests/test_contract.py). New methods add an entry."""
+
+
+# --------------------------------------------------------------------------- a real tiny backbone
+
+def tiny_transformer(time_conditioning=False, vocab=11, max_len=8, seed=0):
+    """A gated backbone (the diffusion default) with its zero-initialised gates and output layer
+    perturbed, so that its output depends on the input and on sigma."""
+    from ddlm.config import ModelConfig
+    from ddlm.nn.transformer import Transformer
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, max_len=max_len, dim=32, n_layers=1, n_heads=2,
+                      time_conditioning=time_conditioning, block="gated")
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
