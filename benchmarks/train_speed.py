@@ -36,8 +36,8 @@ def peak_rate(dtype: torch.dtype, dims: list[int]) -> float:
     return max(runtime.matmul_rate(dtype, n=n, rows=2048, seconds=1.0) for n in dims)
 
 
-def time_steps(method: str, size: str, dtype: str, steps: int, compile_: bool) -> dict:
-    run = make_config(base={"method": method, "model": CONFIGS[size],
+def time_steps(method: str, size: str, dtype: str, steps: int, compile_: bool, block: str = "auto") -> dict:
+    run = make_config(base={"method": method, "model": {**CONFIGS[size], "block": block},
                             "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 256},
                             "train": {"batch_size": 8, "dtype": dtype, "steps": 10_000,
                                       "compile": compile_, "progress": False}})
@@ -53,7 +53,7 @@ def time_steps(method: str, size: str, dtype: str, steps: int, compile_: bool) -
     tokens = run.train.batch_size * run.data.seq_len
     seconds = statistics.median(times)
     flops = train_flops_per_token(trainer.run.model, run.data.seq_len)
-    return {"method": method, "size": size, "dtype": dtype, "compile": compile_,
+    return {"method": method, "size": size, "dtype": dtype, "compile": compile_, "block": run.model.block,
             "tokens_per_s": tokens / seconds, "step_s": seconds, "flops_per_token": flops}
 
 
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="small,large")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--compile", action="store_true", help="also time torch.compile")
+    p.add_argument("--blocks", default="auto", help="comma-separated model.block values (auto: the method's)")
     p.add_argument("--out", default="benchmarks/results/train_speed.json")
     args = p.parse_args(argv)
     dims = sorted({c["dim"] for c in CONFIGS.values()} | {1024})
@@ -72,8 +73,9 @@ def main(argv=None) -> int:
     for size in args.sizes.split(","):
         for dtype in args.dtypes.split(","):
             for method in args.methods.split(","):
-                for compile_ in ([False, True] if args.compile else [False]):
-                    r = time_steps(method, size, dtype, args.steps, compile_)
+                for compile_, block in [(c, b) for c in ([False, True] if args.compile else [False])
+                                        for b in args.blocks.split(",")]:
+                    r = time_steps(method, size, dtype, args.steps, compile_, block)
                     r["mfu"] = r["tokens_per_s"] * r["flops_per_token"] / peaks[dtype]
                     if size == "small" and dtype == "fp32" and method in BASELINE:
                         r["vs_bd3lms"] = r["tokens_per_s"] / BASELINE[method]
@@ -89,13 +91,13 @@ def main(argv=None) -> int:
 
 def _row(r: dict) -> str:
     ratio = f"{r['vs_bd3lms']:.2f}x" if "vs_bd3lms" in r else ""
-    return (f"{r['method']:<5} {r['size']:<6} {r['dtype']:<5} {'yes' if r['compile'] else 'no':<8}"
+    return (f"{r['method']:<5} {r['block']:<6} {r['size']:<6} {r['dtype']:<5} {'yes' if r['compile'] else 'no':<8}"
             f"{r['tokens_per_s']:>10,.0f} {100 * r['mfu']:>6.1f}%  {ratio}")
 
 
 def print_table(rows: list[dict], peaks: dict) -> None:
     print("\nmatmul peak measured here: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
-    print(f"{'method':<5} {'size':<6} {'dtype':<5} {'compile':<8}{'tok/s':>10} {'MFU':>7}  vs bd3lms")
+    print(f"{'method':<5} {'block':<6} {'size':<6} {'dtype':<5} {'compile':<8}{'tok/s':>10} {'MFU':>7}  vs bd3lms")
     for r in rows:
         print(_row(r))
 
