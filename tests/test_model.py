@@ -115,7 +115,7 @@ def test_per_position_conditioning():
     varied[:, 6:] = 3.0
     out = model(x, sigma=varied, mask="bidirectional")
     assert not torch.allclose(out[:, 6:], ref[:, 6:], atol=0.05)
-    with pytest.raises(ValueError, match="does not divide"):
+    with pytest.raises(ValueError, match="do not divide"):
         model(x, sigma=torch.zeros(2, 3), mask="bidirectional")
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ddlm.errors import ConfigError
 from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound
+from ddlm.nn.transformer import positions_of
 from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
 
 
@@ -59,13 +60,7 @@ class NoiseConfig(MethodConfig):
 
 def time_per_position(t: torch.Tensor, length: int) -> torch.Tensor:
     """t of shape (B,), (B, K) with K | L, or (B, L) -> (B, 1) or (B, L), same dtype."""
-    t = t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1)
-    K = t.shape[1]
-    if K in (1, length):
-        return t
-    if length % K:
-        raise ValueError(f"{K} times per sequence do not divide its {length} positions")
-    return t.repeat_interleave(length // K, dim=1)
+    return positions_of(t.reshape(t.shape[0], -1) if t.dim() else t.reshape(1, 1), length)
 
 
 def stratified_uniform(n: int, *, antithetic: bool, generator=None, device=None) -> torch.Tensor:

@@ -80,12 +80,13 @@ class NoiseEmbedding(nn.Module):
 
 
 def positions_of(values: torch.Tensor, length: int) -> torch.Tensor:
-    """(B, K, C) per-group values -> (B, 1 or L, C): K = 1 broadcasts, K | L repeats each group."""
+    """(B, K, ...) per-group values -> (B, 1 or L, ...): K = 1 broadcasts, K | L repeats each of
+    the K contiguous groups of L/K positions, K = L is per position."""
     K = values.shape[1]
     if K in (1, length):
         return values
     if length % K:
-        raise ValueError(f"conditioning has {K} groups, which does not divide the length {length}")
+        raise ValueError(f"{K} groups (noise levels per sequence) do not divide the length {length}")
     return values.repeat_interleave(length // K, dim=1)
 
 
