@@ -293,7 +293,6 @@ def draw(sampler, n=N, length=L, seed=1, **kw):
 
 
 def test_ancestral_tv_falls_with_steps_and_one_step_is_product_of_marginals():
-    sched = LogLinear()
     noise = tv_noise(JOINT, N)
     tvs = {T: tv(draw(AncestralSampler(method(), steps=T)).tokens, JOINT)
            for T in (1, 4, 16, 128)}
@@ -312,7 +311,6 @@ def test_first_hitting_matches_joint_one_token_per_nfe():
 
 @pytest.mark.parametrize("kind", ["ancestral", "first_hitting"])
 def test_prefix_and_infilling_sample_the_conditional(kind):
-    sched = LogLinear()
     sampler = (AncestralSampler(method(), steps=128) if kind == "ancestral"
                else FirstHittingSampler(method()))
     v = 1

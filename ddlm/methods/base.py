@@ -103,6 +103,8 @@ class Method:
 
     def sampler_name(self, cfg: Any) -> str:
         """cfg.sampler, or the default; an unknown name is a one-line ConfigError."""
+        if not self.samplers:
+            raise ConfigError(f"method {self.name!r} has no sampler")
         name = cfg.sampler or self.samplers[0]
         if name not in self.samplers:
             raise ConfigError(f"unknown {self.name} sampler {name!r}; choose one of: {', '.join(self.samplers)}")

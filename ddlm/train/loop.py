@@ -20,11 +20,11 @@ from tqdm.auto import tqdm
 
 from ddlm import runtime
 from ddlm.build import build_method, complete_model_config, prepare_data
+from ddlm.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError
 from ddlm.eval.likelihood import evaluate_likelihood
-from ddlm.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint
 from ddlm.train.ema import EMA
 from ddlm.train.optim import build_optimizer, lr_at, set_lr
 
