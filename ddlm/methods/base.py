@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from ddlm.errors import ConfigError
+from ddlm.nn.transformer import Transformer
 
 
 @dataclass
@@ -78,8 +79,6 @@ class Method:
 
     def build_model(self, model_cfg: Any) -> torch.nn.Module:
         """The network this method trains (default: the one Transformer)."""
-        from ddlm.nn.transformer import Transformer
-
         return Transformer(model_cfg)
 
     @property

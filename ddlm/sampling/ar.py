@@ -6,7 +6,7 @@ import time
 import torch
 
 from ddlm.errors import DataError
-from ddlm.sampling.base import Generation, Sampler, expand_rows, filter_logits, gumbel_argmax, model_device
+from ddlm.sampling.base import Generation, Sampler, filter_logits, gumbel_argmax, model_device, prompt_rows
 
 
 class ARSampler(Sampler):
@@ -34,8 +34,7 @@ class ARSampler(Sampler):
         start = time.perf_counter()
         device = model_device(model)
         context = self.context or 1 << 62
-        out = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
-            else expand_rows(prompt.to(device), n, "prompt")
+        out = prompt_rows(prompt, n, device)
         if out.shape[1] >= context:
             raise DataError(f"prompt ({out.shape[1]} tokens) leaves no room in the model's context of "
                             f"{context} tokens")

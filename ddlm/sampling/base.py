@@ -57,8 +57,7 @@ class Sampler:
         if template is not None:
             tokens, nfe = self.fill(model, expand_rows(template.to(device), n, "template"), generator)
             return Generation(tokens, nfe, time.perf_counter() - begin)
-        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
-            else expand_rows(prompt.to(device), n, "prompt")
+        start = prompt_rows(prompt, n, device)
         if self.context and start.shape[1] + length > self.context:
             return self.generate_long(model, start, length, generator)
         tokens, nfe = self.fill(model, self.masked_after(start, length), generator)
@@ -108,8 +107,7 @@ class SemiAutoregressiveSampler:
         if template is not None:
             return self.inner.generate(model, n, length, template=template, generator=generator)
         device = model_device(model)
-        start = torch.empty((n, 0), dtype=torch.long, device=device) if prompt is None \
-            else expand_rows(prompt.to(device), n, "prompt")
+        start = prompt_rows(prompt, n, device)
         return self.inner.generate_long(model, start, length, generator, context=self.context,
                                         stride=self.stride)
 
@@ -120,6 +118,13 @@ def model_device(model) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
+
+
+def prompt_rows(prompt: torch.Tensor | None, n: int, device) -> torch.Tensor:
+    """(n, Lp) int64 prompt rows on `device`; (n, 0) without a prompt."""
+    if prompt is None:
+        return torch.empty((n, 0), dtype=torch.long, device=device)
+    return expand_rows(prompt.to(device), n, "prompt")
 
 
 def expand_rows(x: torch.Tensor, n: int, what: str) -> torch.Tensor:
