@@ -26,7 +26,8 @@ def cmd_train(args, extra: list[str]) -> int:
 
     overrides = parse_overrides(extra)
     for flag, key in ((args.method, "method"), (args.data, "data.corpus"),
-                      (args.tokenizer, "data.tokenizer"), (args.steps, "train.steps")):
+                      (args.tokenizer, "data.tokenizer"), (args.steps, "train.steps"),
+                      (args.init, "train.init")):
         if flag is not None:
             overrides[key] = str(flag)
     if args.json:
@@ -77,8 +78,10 @@ def cmd_sample(args, extra: list[str]) -> int:
     else:
         for i, text in enumerate(result["texts"]):
             print(f"--- sample {i} ---\n{text}")
+        lengths = result["lengths"]
         print(f"[{result['method']}, {result['sampler']}: {result['nfe']} NFE, "
-              f"{result['seconds']:.2f} s for {len(result['texts'])} samples]")
+              f"{result['seconds']:.2f} s for {len(result['texts'])} samples; length min "
+              f"{lengths['min']} / median {lengths['median']} / max {lengths['max']} tokens]")
     return 0
 
 
@@ -118,13 +121,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_args(s):
-    s.add_argument("--method", help="ar | mdlm | sedd")
+    s.add_argument("--method", help="ar | mdlm | sedd | bd3")
     s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt (default austen)")
     s.add_argument("--tokenizer", help="char | byte | bpe | cl100k (default char)")
     s.add_argument("--out", required=True, help="run directory (resumed if it holds this run)")
     s.add_argument("--steps", type=int, help="optimizer steps (same as --train.steps)")
     s.add_argument("--config", help="YAML recipe applied before the command-line options")
     s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    s.add_argument("--init", help="start from this checkpoint's weights (e.g. MDLM for --method bd3)")
 
 
 def _eval_args(s):

@@ -125,6 +125,9 @@ class TrainConfig:
     """Wrap the model in torch.compile."""
     seed: int = 0
     """Seed for initialisation, data order and noise."""
+    init: str = ""
+    """Start from the weights of this checkpoint (e.g. an MDLM run to fine-tune as BD3-LM); its
+    tokenizer is used. Ignored when resuming."""
     eval_every: int = 250
     """Validate every N steps (0: only at the end)."""
     eval_batches: int = 8
@@ -211,6 +214,13 @@ class SampleConfig:
     stride: int = 0
     """Past the context, each window adds this many tokens after the last context - stride
     (0: context // 2)."""
+    stop_eos: bool = False
+    """Variable length (bd3): a row ends at its first generated EOS."""
+    stop_entropy: float = 0.0
+    """Variable length (bd3): a row ends when the unigram entropy (nats) of its last
+    entropy_window tokens falls below this (0: off); that degenerate tail is cut."""
+    entropy_window: int = 256
+    """Tokens the entropy stop looks at."""
 
     def __post_init__(self) -> None:
         _check(self.num >= 1, f"sample.num={self.num} must be >= 1")
@@ -221,6 +231,9 @@ class SampleConfig:
         _check(0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1]")
         _check(self.batch_size >= 1, f"sample.batch_size={self.batch_size} must be >= 1")
         _check(self.stride >= 0, f"sample.stride={self.stride} must be >= 0")
+        _check(self.stop_entropy >= 0 and self.entropy_window >= 1,
+               f"sample.stop_entropy={self.stop_entropy} must be >= 0 and sample.entropy_window="
+               f"{self.entropy_window} >= 1")
         _check(0 < self.t_min < 1, f"sample.t_min={self.t_min} must be in (0, 1)")
         _check(self.noise_removal in ("draw", "argmax"),
                f"sample.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'")

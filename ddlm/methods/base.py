@@ -10,6 +10,8 @@ evaluator, CLI, samplers) only ever talks to this interface:
     loss(model, x0, *, t=None, loss_mask=None) -> LossOutput
     nll_bound(model, x0, *, n_samples, loss_mask, generator) -> NLLBound   (if has_likelihood)
     sampler(sample_cfg) -> Sampler             options chosen at sample time
+    adapt(model, batches) -> dict              optional: state tuned on held-out batches every
+                                               `adapt_every` steps (state_dict / load_state_dict)
 and one network call that the loss, the bound and every sampler go through (MDLM: log_x_theta,
 SEDD: log_score, AR: logits). Times are per position: (B,), (B, K) with K dividing L, or (B, L).
 """
@@ -99,6 +101,22 @@ class Method:
     def sampler(self, cfg: Any):
         """The sampler a SampleConfig names (cfg.sampler '' : the method's default)."""
         raise NotImplementedError
+
+    # ---- state a method adapts while training (e.g. BD3-LM's clipped window) -----------------
+
+    adapt_every: int = 0  # the trainer calls `adapt` every this many steps (0: never)
+    adapt_batches: int = 0  # held-out batches it passes
+
+    def adapt(self, model, batches: list[torch.Tensor], generator=None) -> dict:
+        """Update the method's own state from held-out batches; returns a record to log."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """The adapted state (floats and lists only), saved with the trainer state."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict`'s output."""
 
     def sampler_name(self, cfg: Any) -> str:
         """cfg.sampler, or the default; an unknown name is a one-line ConfigError."""

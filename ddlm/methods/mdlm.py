@@ -121,7 +121,7 @@ class MDLM(DiffusionMethod):
     def token_loss(self, model, x0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor, *,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, L): weight(t) * -log x_theta(z_t)[x0] at masked positions, exactly 0 elsewhere."""
-        logp = self.log_x_theta(model, zt, t, dtype=dtype)
+        logp = self.log_x_theta(model, zt, t, x0=x0, dtype=dtype)
         nll = -logp.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
         masked = zt == self.mask_id
         weight = self.loss_weight(t.to(torch.float64)).to(nll.dtype)  # (B, 1) or (B, L)

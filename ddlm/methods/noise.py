@@ -103,6 +103,17 @@ class DiffusionMethod(Method):
         """An injected t as float64."""
         return t.to(torch.float64)
 
+    def training_times(self, batch: int, length: int, *, generator=None, device=None) -> torch.Tensor:
+        """Times of one training batch: (B,) here, one per sequence; (B, K) for a method with one
+        time per block."""
+        return self.sample_t(batch, generator=generator, device=device)
+
+    def eval_times(self, batch: int, length: int, n_samples: int, *, generator=None,
+                   device=None) -> torch.Tensor:
+        """(n_samples, B, 1 or K) times of the bound, stratified jointly: sample j of sequence b
+        gets u_{jB+b}, so each sequence's n times are also spread over [0, 1)."""
+        return self.sample_t(batch * n_samples, generator=generator, device=device).view(n_samples, batch, 1)
+
     def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
                     dtype: torch.dtype = torch.float64) -> torch.Tensor:
         raise NotImplementedError
@@ -116,7 +127,7 @@ class DiffusionMethod(Method):
         counted tokens. t injectable: (B,), (B, K) or (B, L) (default: one stratified t per
         sequence); loss_mask (B, L) selects the counted tokens (default: all); every token is
         corrupted."""
-        t = self.sample_t(x0.shape[0], generator=generator, device=x0.device) if t is None \
+        t = self.training_times(*x0.shape, generator=generator, device=x0.device) if t is None \
             else self.snap_t(t.to(x0.device))
         t = time_per_position(t, x0.shape[1])
         nll = self.sampled_nll(model, x0, t, generator, dtype=torch.float32)
@@ -129,18 +140,16 @@ class DiffusionMethod(Method):
         """Per-sequence bound in nats (float64), averaged over n_samples draws of (t, x_t), plus
         the prior term.
 
-        Protocol: one t per sequence per sample; the B * n_samples times are stratified jointly
-        (sample j of sequence b gets u_{jB+b}, so each sequence's n times are also spread over
-        [0, 1)); log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the
+        Protocol: one t per sequence (or per block) per sample, from `eval_times`; log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the
         AR rule, so both count the same tokens; pass loss_mask = x0 != pad for padded data). `nll`
         is the mean over samples, so a standard error can be taken across sequences.
         """
-        B = x0.shape[0]
-        t_all = self.sample_t(B * n_samples, generator=generator, device=x0.device).view(n_samples, B)
+        B, L = x0.shape
+        t_all = self.eval_times(B, L, n_samples, generator=generator, device=x0.device)
         weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
             else loss_mask.to(torch.float64)
         total = torch.zeros(B, dtype=torch.float64, device=x0.device)
         for t in t_all:
-            total += (self.sampled_nll(model, x0, t[:, None], generator) * weights).sum(1)
+            total += (self.sampled_nll(model, x0, time_per_position(t, L), generator) * weights).sum(1)
         prior = (self.prior_nll(x0) * weights).sum(1)
         return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)

@@ -6,6 +6,8 @@ method shares one definition.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +26,35 @@ def block_causal_mask(length: int, block: int, *, device=None) -> torch.Tensor:
     """(L, L) bool: query i sees key j when block(j) <= block(i) (bidirectional within a block)."""
     blk = torch.arange(length, device=device) // block
     return blk[None, :] <= blk[:, None]
+
+
+@functools.lru_cache(maxsize=16)
+def block_diffusion_mask(length: int, block: int, device: str = "cpu") -> torch.Tensor:
+    """(2L, 2L) bool mask of BD3-LM's vectorised pass over x_t (+) x_0 (Arriola et al. 2025, §3.2),
+    blocks of `block` positions, b(i) = i // block:
+
+        x_t query i -> x_t key j   b(j) == b(i)    block-diagonal: its own noisy block
+        x_t query i -> x_0 key j   b(j) <  b(i)    offset block-causal: the clean prefix
+        x_0 query i -> x_0 key j   b(j) <= b(i)    block-causal: clean blocks, as when cached
+        x_0 query i -> x_t key j   never
+
+    Built once per (length, block, device) and shared (read-only)."""
+    blk = torch.arange(length, device=device) // block
+    q, k = blk[:, None], blk[None, :]
+    top = torch.cat([k == q, k < q], dim=1)
+    bottom = torch.cat([torch.zeros_like(top[:, :length]), k <= q], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def prefix_block_mask(prefix: int, new: int, block: int, *, device=None) -> torch.Tensor:
+    """(P + N, P + N) bool: P clean tokens block-causal among themselves (as cached), then N
+    noisy tokens that see the whole clean prefix and each other. BD3-LM's sampler without a KV
+    cache recomputes the prefix under this mask; with the cache it is the same attention."""
+    total = prefix + new
+    mask = torch.ones(total, total, dtype=torch.bool, device=device)
+    mask[:prefix, :prefix] = block_causal_mask(prefix, block, device=device)
+    mask[:prefix, prefix:] = False
+    return mask
 
 
 class KVCache:
@@ -55,6 +86,10 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop every batch row not in `rows` (a (B',) index), e.g. samples that have stopped."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec,

@@ -197,10 +197,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, sigma: torch.Tensor | None = None,
                 mask: MaskSpec = "causal", cache: KVCache | None = None, cache_write: bool = True,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_for: int | None = None) -> torch.Tensor:
         """tokens (B, L); sigma the noise level, (B,) or (B, K) with K | L (None: sigma = 0, the
         learned constant of a gated block); positions (L,) for RoPE (default: continue after the
-        cache). Returns logits (B, L, V) float32."""
+        cache); logits_for = n scores only the first n positions (BD3-LM's x_t half). Returns
+        logits (B, L or n, V) float32."""
         B, L = tokens.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
@@ -210,10 +211,13 @@ class Transformer(nn.Module):
         h = self.embed(tokens)  # (B, L, D)
         for block in self.blocks:
             h = block(h, cos, sin, mask, cond, cache, cache_write)
-        h = self.norm(h)
         if self.final_modulation is not None:
             shift, scale = positions_of(self.final_modulation(cond), L).chunk(2, dim=-1)
-            h = h * (1 + scale) + shift
+            h = self.norm(h) * (1 + scale) + shift
+        else:
+            h = self.norm(h)
+        if logits_for is not None:
+            h = h[:, :logits_for]
         if cache is not None and cache_write:
             cache.advance(L)
         return self.head(h).float()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ddlm.sampling.base import Sampler, filter_logits, gumbel_argmax
+from ddlm.sampling.base import Sampler, filter_logits, gumbel_argmax, uniform
 
 
 class MaskedSampler(Sampler):
@@ -41,8 +41,9 @@ class MaskedSampler(Sampler):
 
     def draw_x0(self, model, z: torch.Tensor, t: float | torch.Tensor, logp: torch.Tensor,
                 generator) -> torch.Tensor:
-        """Part 1 of a step: x_0 (B, L) drawn from the denoiser's log-probabilities logp."""
-        return gumbel_argmax(logp, generator)
+        """Part 1 of a step: x_0 (B, L) drawn from the denoiser's log-probabilities logp (rows
+        without a MASK draw nothing from a per-row generator)."""
+        return gumbel_argmax(logp, generator, active=(z == self.method.mask_id).any(1))
 
     def posterior_step(self, z: torch.Tensor, x0: torch.Tensor, t: float | torch.Tensor,
                        s: float | torch.Tensor, generator) -> torch.Tensor:
@@ -54,8 +55,9 @@ class MaskedSampler(Sampler):
         m_t = self.method.schedule.mask_prob(t)
         # s = 0 is the data: every token clean (a schedule such as geometric has m(0) > 0)
         m_s = torch.where(s > 0, self.method.schedule.mask_prob(s), torch.zeros_like(s))
-        u = torch.rand(z.shape, dtype=torch.float64, generator=generator, device=z.device)
-        unmask = (z == self.method.mask_id) & (u * m_t >= m_s)
+        masked = z == self.method.mask_id
+        u = uniform(z.shape, generator, z.device, active=masked.any(1))
+        unmask = masked & (u * m_t >= m_s)
         return torch.where(unmask, x0, z)
 
 
@@ -124,11 +126,11 @@ class FirstHittingSampler(MaskedSampler):
             active = n > 0
             if not active.any():
                 return z, nfe
-            u = torch.rand(B, dtype=torch.float64, generator=generator, device=z.device)
+            u = uniform((B,), generator, z.device, active=active)
             t = torch.where(active, schedule.time_of(schedule.mask_prob(t) * u ** (1.0 / n.clamp_min(1))), t)
             logp = self.denoiser(model, z, t)
             nfe += 1
-            score = torch.rand(masked.shape, generator=generator, device=z.device).masked_fill(~masked, -1)
+            score = uniform(masked.shape, generator, z.device, active=active).masked_fill(~masked, -1)
             pos = score.argmax(1)  # (B,) a uniform masked position per row
             x0 = self.draw_x0(model, z, t, logp, generator)  # (B, L)
             z = z.clone()

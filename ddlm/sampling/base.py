@@ -21,11 +21,14 @@ from ddlm.errors import ConfigError
 
 @dataclass
 class Generation:
-    """tokens: (B, L) int64; nfe: network evaluations used; seconds: wall time of the draw."""
+    """tokens: (B, L) int64; nfe: network evaluations used; seconds: wall time of the draw;
+    lengths: (B,) int64 tokens per row when rows stop early (variable length; the rest is PAD),
+    None when every row has all L tokens."""
 
     tokens: torch.Tensor
     nfe: int
     seconds: float
+    lengths: torch.Tensor | None = None
 
 
 class Sampler:
@@ -156,15 +159,42 @@ def slide_windows(window: Callable[[torch.Tensor | None, int], tuple[torch.Tenso
     return Generation(tokens=out, nfe=nfe, seconds=time.perf_counter() - begin)
 
 
-def gumbel_argmax(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw from Cat(softmax(logp)) over the last axis with Gumbel noise in float64.
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def uniform(shape: tuple[int, ...], generator: Generators, device, *,
+            active: torch.Tensor | None = None) -> torch.Tensor:
+    """U[0, 1) float64 of `shape` (rows first). `generator` is one generator for the batch or a
+    list with one per row; with a list, row b draws only from its own generator and only when
+    `active[b]` (inactive rows get 0.5 and consume nothing), so a row's draws do not depend on
+    which other rows share its batch."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
+    if len(generator) != shape[0]:
+        raise ValueError(f"{len(generator)} generators for {shape[0]} rows")
+    out = torch.full(shape, 0.5, dtype=torch.float64, device=device)
+    for b, g in enumerate(generator):
+        if active is None or bool(active[b]):
+            out[b] = torch.rand(shape[1:], dtype=torch.float64, generator=g, device=device)
+    return out
+
+
+def gumbel_argmax(logp: torch.Tensor, generator: Generators = None, *,
+                  active: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw from Cat(softmax(logp)) over the last axis with Gumbel noise in float64; `generator`
+    and `active` as in `uniform`.
 
     float32 Gumbel noise truncates the tail (docs/methods.md §7) and flatters generative perplexity.
     """
     logp = logp.double()
-    u = torch.rand(logp.shape, dtype=torch.float64, generator=generator, device=logp.device)
+    u = uniform(logp.shape, generator, logp.device, active=active)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
     return (logp + gumbel).argmax(dim=-1)
+
+
+def row_generators(seeds: list[int], device=None) -> list[torch.Generator]:
+    """One generator per row, seeded from `seeds` (per-row reproducible sampling)."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
 def filter_logits(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,

@@ -30,16 +30,27 @@ def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None =
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, context) if prompt else None
     length = cfg.length or context - (0 if prompt_ids is None else len(prompt_ids))
     sampler = loaded.method.sampler(cfg)
+    if (cfg.stop_eos or cfg.stop_entropy) and not getattr(sampler, "variable_length", False):
+        raise ConfigError(f"sample.stop_eos / sample.stop_entropy (variable length) are not supported "
+                          f"by method {loaded.run.method!r}; use bd3")
     device = model_device(loaded.model)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     tokens, nfe, seconds = [], 0, 0.0
     for start in range(0, cfg.num, cfg.batch_size):
         n = min(cfg.batch_size, cfg.num - start)
         gen = sampler.generate(loaded.model, n, length, prompt=prompt_ids, generator=generator)
-        tokens.extend(gen.tokens.tolist())
+        ends = gen.lengths.tolist() if gen.lengths is not None else [gen.tokens.shape[1]] * n
+        tokens.extend(row[:end] for row, end in zip(gen.tokens.tolist(), ends))
         nfe += gen.nfe
         seconds += gen.seconds
     texts = [loaded.tokenizer.decode(t) for t in tokens]
     return {"method": loaded.run.method, "sampler": type(sampler).__name__, "texts": texts,
             "tokens": tokens, "nfe": nfe, "seconds": seconds, "length": length, "steps": cfg.steps,
-            "checkpoint": str(loaded.path)}
+            "lengths": length_stats([len(t) for t in tokens]), "checkpoint": str(loaded.path)}
+
+
+def length_stats(lengths: list[int]) -> dict:
+    """min / mean / median / max of the sample lengths in tokens."""
+    ordered = sorted(lengths)
+    return {"min": ordered[0], "mean": sum(ordered) / len(ordered), "median": ordered[len(ordered) // 2],
+            "max": ordered[-1]}

@@ -85,11 +85,14 @@ class Trainer:
         runtime.seed_everything(cfg.seed)
         self.device = runtime.device()
         self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
-        tokenizer = tokenizer_from_dict(load_checkpoint(previous).tokenizer_dict) if previous else None
+        source = previous or (resolve_checkpoint(cfg.init) if cfg.init else None)
+        tokenizer = tokenizer_from_dict(load_checkpoint(source).tokenizer_dict) if source else None
         self.tokenizer, self.datasets = prepare_data(run, tokenizer)
         self.method = build_method(run, self.tokenizer)
         self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
         self.model = self.method.build_model(self.run.model).to(self.device)
+        if cfg.init and previous is None:
+            self._initialise_from(cfg.init)
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
@@ -120,6 +123,20 @@ class Trainer:
                               f"choose another --out or pass --overwrite")
         return ckpt
 
+    def _initialise_from(self, path: str) -> None:
+        """Load another run's inference weights (e.g. MDLM's, to fine-tune as BD3-LM)."""
+        weights = load_checkpoint(path).weights
+        try:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        except RuntimeError as err:  # shape mismatch
+            raise ConfigError(f"train.init={path!r}: its weights do not fit this model "
+                              f"({str(err).splitlines()[-1].strip()[:120]})") from None
+        if missing or unexpected:
+            name = (missing or unexpected)[0]
+            raise ConfigError(f"train.init={path!r}: its weights do not fit this model "
+                              f"({'missing' if missing else 'unexpected'} tensor {name}); "
+                              f"use the same model.* options")
+
     def _restore(self, ckpt: Path) -> None:
         state = load_trainer_state(ckpt)
         self.model.load_state_dict(state["model"])
@@ -127,6 +144,7 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         self.loader.load_state_dict(state["loader"])
+        self.method.load_state_dict(state.get("method") or {})
         runtime.set_rng_state(state["rng"])
         self.step = self.resumed_from = state["step"]
         self._truncate_metrics(self.step)
@@ -168,6 +186,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                 last = self.step == cfg.steps
                 stopping = self.stop_requested or (stop_after is not None and self.step >= stop_after)
+                if self.method.adapt_every and self.step % self.method.adapt_every == 0:
+                    self.adapt_method()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                     valid = self.validate()
                 if last or stopping or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
@@ -244,6 +264,26 @@ class Trainer:
         self._log(record)
         return record
 
+    @torch.no_grad()
+    def adapt_method(self) -> dict:
+        """Let the method tune its own state (BD3-LM: the clipped window) on the first
+        `method.adapt_batches` validation batches, with the inference weights and its own
+        generator (the training noise stream is not touched); logs what it returns."""
+        loader = BlockLoader(self.datasets["valid"], self.run.train.batch_size, shuffle=False, drop_last=False)
+        batches = []
+        for batch in loader.epoch_batches():
+            if len(batches) >= self.method.adapt_batches:
+                break
+            batches.append(batch.tokens.to(self.device))
+        generator = torch.Generator(device=self.device).manual_seed(self.run.train.seed + self.step)
+        with self._inference_weights():
+            self.model.eval()
+            with runtime.autocast(self.dtype, self.device):
+                record = self.method.adapt(self.model, batches, generator)
+            self.model.train()
+        self._log({"step": self.step, **record})
+        return record
+
     def _inference_weights(self):
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
@@ -254,7 +294,8 @@ class Trainer:
         state = {"step": self.step, "model": self.model.state_dict(),
                  "optimizer": self.optimizer.state_dict(),
                  "ema": self.ema.state_dict() if self.ema is not None else None,
-                 "loader": self.loader.state_dict(), "rng": runtime.rng_state()}
+                 "loader": self.loader.state_dict(), "rng": runtime.rng_state(),
+                 "method": self.method.state_dict()}
         return save_checkpoint(self.out_dir, self.step, config=self.run,
                                tokenizer_dict=self.tokenizer.to_dict(), weights=weights,
                                trainer_state=state, keep=self.run.train.keep_ckpts)
