@@ -32,7 +32,7 @@ from ddlm.errors import ConfigError
 from ddlm.methods.base import register
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.methods.noise import stratified_uniform, time_per_position
-from ddlm.nn.attention import block_diffusion_mask
+from ddlm.nn.attention import block_diffusion_block_mask, block_diffusion_mask, flex_available
 
 FULL_MASK = 1.0  # a time of 1 masks every token of the block, weight 1 (the AR loss when L' = 1)
 
@@ -51,6 +51,9 @@ class BD3Config(MDLMConfig):
     """Every N training steps, choose the window with the lowest loss variance (0: keep it fixed)."""
     search_batches: int = 4
     """Held-out batches the window search evaluates each window on."""
+    attention: str = "dense"
+    """Training pass: dense (SDPA with a boolean 2L x 2L mask) | flex (FlexAttention's sparse
+    block mask, compiled; needs a torch that has it)."""
 
     def validate(self) -> None:
         self.check_all("bd3", [
@@ -60,6 +63,9 @@ class BD3Config(MDLMConfig):
              f"bd3.clip_min={self.clip_min}, clip_max={self.clip_max} need 0 <= min <= max <= 1"),
             (self.search_every >= 0, f"bd3.search_every={self.search_every} must be >= 0"),
             (self.search_batches >= 1, f"bd3.search_batches={self.search_batches} must be >= 1"),
+            (self.attention in ("dense", "flex"), f"bd3.attention={self.attention!r} must be dense or flex"),
+            (self.attention != "flex" or flex_available(),
+             "bd3.attention=flex needs a torch with FlexAttention; use dense"),
         ])
 
 
@@ -141,10 +147,19 @@ class BD3(MDLM):
             noisy = self.schedule.total_noise(t.to(torch.float64)).float().expand(B, L)
             sigma = torch.cat([noisy, torch.zeros_like(noisy)], dim=1)  # (B, 2L)
         positions = torch.arange(L, device=zt.device).repeat(2)
-        mask = block_diffusion_mask(L, self.block_size, str(zt.device))
+        mask = self.training_mask(L, zt.device)
         logits = model(torch.cat([zt, x0], dim=1), sigma=sigma, mask=mask, positions=positions,
                        logits_for=L)  # (B, L, V): the z_t half
         return subs_log_probs(logits, zt, self.mask_id, dtype=dtype)
+
+    def training_mask(self, length: int, device: torch.device):
+        """The (2L, 2L) mask of the vectorised pass: dense boolean, or FlexAttention's BlockMask."""
+        if self.cfg.attention == "dense":
+            return block_diffusion_mask(length, self.block_size, str(device))
+        if device.type == "cpu" and torch.is_grad_enabled():
+            raise ConfigError("bd3.attention=flex cannot train on CPU (FlexAttention has no CPU "
+                              "backward pass); use bd3.attention=dense")
+        return block_diffusion_block_mask(length, self.block_size, str(device))
 
     # ---- the clipped-window search ---------------------------------------------------------
 

@@ -1,17 +1,23 @@
 """Attention masks and the key/value cache.
 
-A mask is either a kind ("causal", "bidirectional") or a boolean tensor (Lq, Lk) or (B, 1, Lq, Lk)
-with True where a query may attend to a key. Builders for block-causal masks live here so every
+A mask is either a kind ("causal", "bidirectional"), a boolean tensor (Lq, Lk) or (B, 1, Lq, Lk)
+with True where a query may attend to a key, or a FlexAttention BlockMask (optional sparse path). Builders for block-causal masks live here so every
 method shares one definition.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
-MaskSpec = str | torch.Tensor | None
+MaskSpec = str | torch.Tensor | None  # or a FlexAttention BlockMask (block_diffusion_block_mask)
+
+
+def compile_flex() -> bool:
+    """FlexAttention is fast only compiled; DDLM_FLEX_EAGER=1 runs it eagerly (for tests)."""
+    return os.environ.get("DDLM_FLEX_EAGER", "") != "1"
 
 
 def causal_mask(q_len: int, k_len: int | None = None, *, device=None) -> torch.Tensor:
@@ -44,6 +50,37 @@ def block_diffusion_mask(length: int, block: int, device: str = "cpu") -> torch.
     top = torch.cat([k == q, k < q], dim=1)
     bottom = torch.cat([torch.zeros_like(top[:, :length]), k <= q], dim=1)
     return torch.cat([top, bottom], dim=0)
+
+
+def flex_available() -> bool:
+    """Whether the installed torch has FlexAttention (torch.nn.attention.flex_attention)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def block_diffusion_block_mask(length: int, block: int, device: str = "cpu"):
+    """`block_diffusion_mask` as a FlexAttention BlockMask (the optional sparse path; equal to the
+    dense mask, which tests check element by element)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q, k):
+        q_noisy, k_noisy = q < length, k < length
+        qb, kb = (q % length) // block, (k % length) // block
+        return ((q_noisy & k_noisy & (kb == qb)) | (q_noisy & ~k_noisy & (kb < qb))
+                | (~q_noisy & ~k_noisy & (kb <= qb)))
+
+    return create_block_mask(visible, None, None, 2 * length, 2 * length, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
 def prefix_block_mask(prefix: int, new: int, block: int, *, device=None) -> torch.Tensor:
@@ -96,6 +133,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec,
            dropout: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention; q (B, H, Lq, hd), k/v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
     q_len, k_len = q.shape[2], k.shape[2]
+    if hasattr(mask, "mask_mod"):  # a FlexAttention BlockMask
+        return _flex_attention(compile_flex())(q, k, v, block_mask=mask)
     if mask is None or (isinstance(mask, str) and mask == "bidirectional"):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     if isinstance(mask, str):
