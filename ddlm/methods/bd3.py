@@ -18,7 +18,7 @@ x_0 half's keys and values are exactly what the sampler caches for each finished
 Clipped schedules (paper §4): training times are drawn per block from a window t ~ U[beta, omega]
 (mask rate (1 - eps) t under the log-linear schedule), the weight unchanged; with `search_every`,
 the trainer calls `adapt` on held-out batches and the window whose per-block loss has the lowest
-variance is kept (`state_dict`, saved in the checkpoint). The window t = 1 (every token of a block
+variance is kept (`state_dict`, saved in the checkpoint). The window (1, 1) (every token of a block
 masked, weight 1) is the AR loss; it is a candidate for L' = 1. Evaluation ignores the window:
 `nll_bound` always draws t ~ U[sampling_eps, 1], the same protocol as MDLM.
 """
@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import register
+from ddlm.methods.base import LossOutput, register
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.methods.noise import stratified_uniform, time_per_position
 from ddlm.nn.attention import block_diffusion_block_mask, block_diffusion_mask, flex_available
 
-FULL_MASK = 1.0  # a time of 1 masks every token of the block, weight 1 (the AR loss when L' = 1)
+FULL_MASK = 1.0  # the window (1, 1): every token of a block masked, weight 1 (the AR loss when L' = 1)
 
 
 @dataclass
@@ -63,6 +63,8 @@ class BD3Config(MDLMConfig):
              f"bd3.clip_min={self.clip_min}, clip_max={self.clip_max} need 0 <= min <= max <= 1"),
             (self.search_every >= 0, f"bd3.search_every={self.search_every} must be >= 0"),
             (self.search_batches >= 1, f"bd3.search_batches={self.search_batches} must be >= 1"),
+            (self.discrete_steps == 0 or ((self.clip_min, self.clip_max) == (0.0, 1.0) and not self.search_every),
+             "bd3.discrete_steps works only with the full window (bd3.clip_min=0, clip_max=1, no search)"),
             (self.attention in ("dense", "flex"), f"bd3.attention={self.attention!r} must be dense or flex"),
             (self.attention != "flex" or flex_available(),
              "bd3.attention=flex needs a torch with FlexAttention; use dense"),
@@ -106,9 +108,7 @@ class BD3(MDLM):
         """(B, K) float64 times, stratified over the B*K blocks, inside the current window."""
         K = self.blocks(length)
         lo, hi = self.window
-        if lo >= FULL_MASK:
-            return torch.full((batch, K), FULL_MASK, dtype=torch.float64, device=device)
-        if (lo, hi) == (0.0, 1.0):
+        if (lo, hi) == (0.0, 1.0) or self.full_mask:
             return self.sample_t(batch * K, generator=generator, device=device).view(batch, K)
         u = stratified_uniform(batch * K, antithetic=self.cfg.antithetic, generator=generator, device=device)
         lo = max(lo, self.cfg.sampling_eps)
@@ -120,14 +120,28 @@ class BD3(MDLM):
         K = self.blocks(length)
         return self.sample_t(n_samples * batch * K, generator=generator, device=device).view(n_samples, batch, K)
 
-    def corrupt(self, x0, t, generator=None):
-        """MDLM's forward process per position; at t = 1 every token is masked."""
-        zt = super().corrupt(x0, t, generator)
-        return torch.where(t >= FULL_MASK, torch.full_like(x0, self.mask_id), zt)
+    @property
+    def full_mask(self) -> bool:
+        """Whether training uses the full-mask window (1, 1): every token masked, weight 1."""
+        return self.window[0] >= FULL_MASK
 
-    def loss_weight(self, t):
-        """MDLM's weight; 1 at t = 1 (the block is fully masked: the block-AR term)."""
-        return torch.where(t >= FULL_MASK, torch.ones_like(t), super().loss_weight(t))
+    def full_mask_nll(self, model, x0: torch.Tensor, *, dtype=torch.float32) -> torch.Tensor:
+        """(B, L) -log x_theta(x_l | all of block b(l) masked, clean prefix): the full-mask window's
+        loss; for L' = 1 it is the AR NLL -log p_theta(x_l | x_<l)."""
+        zt = torch.full_like(x0, self.mask_id)
+        t = torch.ones(x0.shape[0], 1, dtype=torch.float64, device=x0.device)
+        logp = self.log_x_theta(model, zt, t, x0=x0, dtype=dtype)
+        return -logp.gather(-1, x0[..., None]).squeeze(-1)
+
+    def loss(self, model, x0, *, t=None, loss_mask=None, generator=None) -> LossOutput:
+        """MDLM's loss with one time per block from the window; in the full-mask window (and no t
+        given) the full-mask loss."""
+        if t is not None or not self.full_mask:
+            return super().loss(model, x0, t=t, loss_mask=loss_mask, generator=generator)
+        nll = self.full_mask_nll(model, x0)
+        weights = torch.ones_like(nll) if loss_mask is None else loss_mask.to(nll.dtype)
+        nll = nll * weights
+        return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
 
     # ---- the one network call --------------------------------------------------------------
 
@@ -184,8 +198,11 @@ class BD3(MDLM):
             total = 0.0
             for x0 in batches:
                 B, L = x0.shape
-                t = time_per_position(self.training_times(B, L, generator=generator, device=x0.device), L)
-                nll = self.sampled_nll(model, x0, t, generator, dtype=torch.float32)  # (B, L)
+                if self.full_mask:
+                    nll = self.full_mask_nll(model, x0)
+                else:
+                    t = time_per_position(self.training_times(B, L, generator=generator, device=x0.device), L)
+                    nll = self.sampled_nll(model, x0, t, generator, dtype=torch.float32)  # (B, L)
                 total += float(nll.view(B, -1, self.block_size).mean(-1).var())
             variances[f"{lo:.2f}-{hi:.2f}"] = total / len(batches)
         best = min(variances, key=variances.get)
