@@ -32,7 +32,7 @@ from ddlm.errors import ConfigError
 from ddlm.methods.base import LossOutput, register
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.methods.noise import stratified_uniform, time_per_position
-from ddlm.nn.attention import block_diffusion_block_mask, block_diffusion_mask, flex_available
+from ddlm.nn.attention import block_diffusion_block_mask, block_diffusion_groups, flex_available
 
 FULL_MASK = 1.0  # the window (1, 1): every token of a block masked, weight 1 (the AR loss when L' = 1)
 
@@ -167,9 +167,10 @@ class BD3(MDLM):
         return subs_log_probs(logits, zt, self.mask_id, dtype=dtype)
 
     def training_mask(self, length: int, device: torch.device):
-        """The (2L, 2L) mask of the vectorised pass: dense boolean, or FlexAttention's BlockMask."""
+        """The (2L, 2L) mask of the vectorised pass: dense boolean (as query groups that skip the
+        clean-to-noisy quarter), or FlexAttention's BlockMask."""
         if self.cfg.attention == "dense":
-            return block_diffusion_mask(length, self.block_size, str(device))
+            return block_diffusion_groups(length, self.block_size, str(device))
         if device.type == "cpu" and torch.is_grad_enabled():
             raise ConfigError("bd3.attention=flex cannot train on CPU (FlexAttention has no CPU "
                               "backward pass); use bd3.attention=dense")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-MaskSpec = str | torch.Tensor | None  # or a FlexAttention BlockMask (block_diffusion_block_mask)
+MaskSpec = str | torch.Tensor | None  # or QueryGroups, or a FlexAttention BlockMask
 
 
 def compile_flex() -> bool:
@@ -50,6 +51,34 @@ def block_diffusion_mask(length: int, block: int, device: str = "cpu") -> torch.
     top = torch.cat([k == q, k < q], dim=1)
     bottom = torch.cat([torch.zeros_like(top[:, :length]), k <= q], dim=1)
     return torch.cat([top, bottom], dim=0)
+
+
+@dataclass(frozen=True)
+class QueryGroups:
+    """A mask given as groups of queries, each attending over its own contiguous range of keys
+    under its own boolean mask: (q_start, q_end, k_start, k_end, mask (Lq, Lk)). It equals the
+    dense mask that is False outside the ranges, and skips their work (BD3-LM: clean queries never
+    see noisy keys, a quarter of the dense 2L x 2L scores)."""
+
+    groups: tuple[tuple[int, int, int, int, torch.Tensor], ...]
+
+    def dense(self) -> torch.Tensor:
+        """The equivalent dense boolean mask."""
+        q_len = max(g[1] for g in self.groups)
+        k_len = max(g[3] for g in self.groups)
+        out = torch.zeros(q_len, k_len, dtype=torch.bool, device=self.groups[0][4].device)
+        for q0, q1, k0, k1, mask in self.groups:
+            out[q0:q1, k0:k1] = mask
+        return out
+
+
+@functools.lru_cache(maxsize=16)
+def block_diffusion_groups(length: int, block: int, device: str = "cpu") -> QueryGroups:
+    """`block_diffusion_mask` as QueryGroups: noisy queries over all 2L keys, clean queries over
+    the L clean keys only."""
+    mask = block_diffusion_mask(length, block, device)
+    return QueryGroups(((0, length, 0, 2 * length, mask[:length]),
+                        (length, 2 * length, length, 2 * length, mask[length:, length:])))
 
 
 def flex_available() -> bool:
@@ -129,12 +158,31 @@ class KVCache:
         self.k, self.v = self.k[:, rows], self.v[:, rows]
 
 
+def first_queries(mask: MaskSpec, n: int, q_len: int, k_len: int, device=None) -> MaskSpec:
+    """The mask of only the first n of q_len queries (over k_len keys, the last q_len of which
+    are the queries' own)."""
+    if mask is None or (isinstance(mask, str) and mask == "bidirectional"):
+        return mask
+    if isinstance(mask, str):
+        return causal_mask(q_len, k_len, device=device)[:n] if mask == "causal" else mask
+    if isinstance(mask, QueryGroups):
+        return QueryGroups(tuple((q0, min(q1, n), k0, k1, m[:min(q1, n) - q0])
+                                 for q0, q1, k0, k1, m in mask.groups if q0 < n))
+    if isinstance(mask, torch.Tensor):
+        return mask[..., :n, :]
+    raise ValueError(f"cannot keep the first {n} queries of a {type(mask).__name__} mask")
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MaskSpec,
            dropout: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention; q (B, H, Lq, hd), k/v (B, H, Lk, hd) -> (B, H, Lq, hd)."""
     q_len, k_len = q.shape[2], k.shape[2]
     if hasattr(mask, "mask_mod"):  # a FlexAttention BlockMask
         return _flex_attention(compile_flex())(q, k, v, block_mask=mask)
+    if isinstance(mask, QueryGroups):
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1],
+                                                         attn_mask=m, dropout_p=dropout)
+                          for q0, q1, k0, k1, m in mask.groups], dim=2)
     if mask is None or (isinstance(mask, str) and mask == "bidirectional"):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     if isinstance(mask, str):

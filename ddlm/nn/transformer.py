@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddlm.config import ModelConfig
-from ddlm.nn.attention import KVCache, MaskSpec, attend
+from ddlm.nn.attention import KVCache, MaskSpec, attend, first_queries
 
 
 class Rotary(nn.Module):
@@ -115,25 +115,32 @@ class Block(nn.Module):
         self.modulation = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if conditioned else None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: MaskSpec,
-                cond: torch.Tensor | None, cache: KVCache | None, cache_write: bool) -> torch.Tensor:
+                cond: torch.Tensor | None, cache: KVCache | None, cache_write: bool,
+                n_out: int | None = None) -> torch.Tensor:
+        """h (B, L, D) -> (B, n_out or L, D): with n_out only the first n_out positions are
+        computed past the keys and values (the last block when only they are scored)."""
+        n = h.shape[1] if n_out is None else n_out
         if self.modulation is not None:
             # (B, 1 or L, D) each: shift/scale/gate of the attention and MLP branches
             mod = positions_of(self.modulation(cond), h.shape[1])
             s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)
-            h = h + g1 * self._attention(self.norm1(h) * (1 + c1) + s1, cos, sin, mask, cache, cache_write)
-            return h + g2 * self._mlp(self.norm2(h) * (1 + c2) + s2)
-        h = h + self._attention(self.norm1(h), cos, sin, mask, cache, cache_write)
+            y = self._attention(self.norm1(h) * (1 + c1) + s1, cos, sin, mask, cache, cache_write, n)
+            h = h[:, :n] + g1[:, :n] * y
+            return h + g2[:, :n] * self._mlp(self.norm2(h) * (1 + c2[:, :n]) + s2[:, :n])
+        h = h[:, :n] + self._attention(self.norm1(h), cos, sin, mask, cache, cache_write, n)
         return h + self._mlp(self.norm2(h))
 
-    def _attention(self, x, cos, sin, mask, cache, cache_write) -> torch.Tensor:
+    def _attention(self, x, cos, sin, mask, cache, cache_write, n_out: int) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # (B, H, L, hd)
         if cache is not None:
             k, v = cache.keys_values(self.layer, k, v, cache_write)
+        if n_out < L:
+            q, mask = q[:, :, :n_out], first_queries(mask, n_out, L, k.shape[2], q.device)
         dropout = self.dropout if self.training else 0.0
-        y = attend(q, k, v, mask, dropout)  # (B, H, L, hd)
-        y = self.proj(y.transpose(1, 2).reshape(B, L, D))
+        y = attend(q, k, v, mask, dropout)  # (B, H, n_out, hd)
+        y = self.proj(y.transpose(1, 2).reshape(B, n_out, D))
         return F.dropout(y, dropout, self.training) if dropout else y
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -209,15 +216,16 @@ class Transformer(nn.Module):
         cos, sin = self.rotary.cos_sin(positions)
         cond = self.conditioning(sigma, B, tokens.device)  # (B, K, cond_dim) or None
         h = self.embed(tokens)  # (B, L, D)
-        for block in self.blocks:
-            h = block(h, cos, sin, mask, cond, cache, cache_write)
+        last = len(self.blocks) - 1
+        trim = None if hasattr(mask, "mask_mod") else logits_for  # a FlexAttention mask is kept whole
+        for i, block in enumerate(self.blocks):
+            h = block(h, cos, sin, mask, cond, cache, cache_write, trim if i == last else None)
+        h = h[:, :logits_for] if logits_for is not None else h
         if self.final_modulation is not None:
-            shift, scale = positions_of(self.final_modulation(cond), L).chunk(2, dim=-1)
+            shift, scale = positions_of(self.final_modulation(cond), L)[:, :h.shape[1]].chunk(2, dim=-1)
             h = self.norm(h) * (1 + scale) + shift
         else:
             h = self.norm(h)
-        if logits_for is not None:
-            h = h[:, :logits_for]
         if cache is not None and cache_write:
             cache.advance(L)
         return self.head(h).float()
