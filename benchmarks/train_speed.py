@@ -24,11 +24,13 @@ token, with N_b the matmul weights of the transformer blocks (4D^2 + 2 D hidden 
 the output head, n layers, width D:
   AR, MDLM, SEDD:  6 (N_b + N_h) + 12 n L D                (ddlm.eval.speed.train_flops_per_token:
                    forward + backward of every weight, PaLM's attention count, causal not discounted)
-  BD3-LM:          2 x 6 N_b + 6 N_h + 2 x 12 n (2L) D     (per trained token: the backbone's forward
-                   + backward over the 2L tokens of x_t (+) x_0, the head on the L scored tokens only
-                   (`logits_for`), and 2L queries over 2L keys; the block-diffusion mask is not
-                   discounted, as PaLM does not discount the causal mask, and SDPA with a boolean
-                   mask computes the dense scores anyway).
+  BD3-LM:          the work its vectorised pass needs, per trained token: qkv over the 2L tokens of
+                   x_t (+) x_0 in every layer; attention output + MLP over 2L tokens in all but the
+                   last layer and over the L scored ones in the last (`logits_for`); the head on L;
+                   attention scores (PaLM's 12 D per query-key pair) for L noisy queries over 2L
+                   keys and L clean queries over the L clean keys (clean queries never see noisy
+                   keys, so that quarter is not computed), the last layer's noisy queries only.
+                   The mask inside those ranges is not discounted, as PaLM does not discount causal.
 So BD3's MFU says how well the 2L-token pass runs, and its tokens/s what a trained token costs.
 """
 from __future__ import annotations
@@ -46,7 +48,7 @@ import torch
 
 from ddlm import runtime
 from ddlm.config import make_config
-from ddlm.eval.speed import matmul_params, train_flops_per_token
+from ddlm.eval.speed import train_flops_per_token
 from ddlm.train.loop import Trainer
 
 CONFIGS = {
@@ -63,9 +65,11 @@ BAR = {"bd3:4": 1.5, "bd3:16": 1.5}  # ddlm's BD3 must train at least this much 
 BASELINE_CONFIG = {"size": "small", "dtype": "fp32", "seq_len": 256, "batch": 8}
 MFU_DEFINITION = ("MFU = tokens/s * flops_per_token / matmul FLOP/s (same dtype, best GEMM of widths "
                   "256/512/1024). tokens/s counts batch*L trained tokens. flops_per_token: AR/MDLM/SEDD "
-                  "6(N_b+N_h) + 12 n L D; BD3 12 N_b + 6 N_h + 48 n L D (backbone forward+backward over "
-                  "the 2L tokens of x_t (+) x_0, head on the L scored tokens, 2L queries x 2L keys, mask "
-                  "not discounted); N_b block matmul weights, N_h = D*V head, n layers, width D.")
+                  "6(N_b+N_h) + 12 n L D; BD3 the work of its vectorised pass: qkv on 2L tokens per layer, "
+                  "attention output and MLP on 2L tokens (L in the last layer), head on L, scores for L "
+                  "noisy queries x 2L keys and L clean queries x L clean keys (last layer: noisy only), "
+                  "mask not discounted within those ranges; N_b block matmul weights, N_h = D*V head, "
+                  "n layers, width D.")
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
@@ -79,11 +83,13 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def bd3_train_flops_per_token(cfg, seq_len: int) -> float:
-    """FLOPs per trained token of BD3-LM's vectorised step (module docstring): the backbone's
-    forward + backward over 2L tokens, the head over the L scored ones, attention 2L x 2L."""
-    head = cfg.dim * cfg.vocab_size
-    blocks = matmul_params(cfg) - head
-    return 2 * 6.0 * blocks + 6.0 * head + 2 * 12.0 * cfg.n_layers * (2 * seq_len) * cfg.dim
+    """FLOPs per trained token of BD3-LM's vectorised step (module docstring)."""
+    D, n, L = cfg.dim, cfg.n_layers, seq_len
+    qkv, rest = 3 * D * D, D * D + 2 * D * int(cfg.mlp_ratio * D)
+    head = D * cfg.vocab_size
+    weights = 6.0 * (2 * n * qkv + 2 * (n - 1) * rest + rest + head)
+    attention = 12.0 * D * ((n - 1) * 3 * L + 2 * L)
+    return weights + attention
 
 
 def peak_rate(dtype: torch.dtype, dims, seconds: float = 1.0) -> float:
@@ -204,8 +210,8 @@ def print_table(rows: list[dict], peaks: dict) -> None:
     print("\nmatmul peak measured here: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()))
     print("L_blk: BD3-LM block size L'. tok/s: trained (scored) tokens, batch x L per step; BD3's step "
           "runs the backbone over 2L tokens (x_t (+) x_0).")
-    print("MFU: tok/s x FLOPs per trained token / the matmul peak; BD3 counts the forward + backward "
-          "over 2L tokens and 2L x 2L attention (see the module docstring).")
+    print("MFU: tok/s x FLOPs per trained token / the matmul peak; BD3 counts the work of its 2L-token "
+          "pass (see the module docstring).")
     print("vs bd3lms: quoted public-code tok/s at small/fp32/L=256/batch 8 (AR, MDLM: reference CPU; "
           "BD3: Intel Xeon), not measured on this machine.")
     print(HEADER)
