@@ -139,16 +139,16 @@ class KVCache:
         self.max_len = max_len
 
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor, write: bool):
-        """Return keys/values (B, H, P + Lq, hd) of the cache's P positions followed by the new ones."""
+        """Return keys/values (B, H, P + Lq, hd) of the cache's P positions followed by the new ones.
+        Whether they are kept (`write`) is decided by the forward pass advancing `length` or not."""
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > capacity {self.max_len}")
-        if write:
-            self.k[layer, :, :, start:end] = k
-            self.v[layer, :, :, start:end] = v
-            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        return (torch.cat([self.k[layer, :, :, :start], k], dim=2),
-                torch.cat([self.v[layer, :, :, :start], v], dim=2))
+        # Without `write` the new keys go into the free slots after `length` as scratch (nothing
+        # stored changes and `length` does not move), which saves concatenating the cache.
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
