@@ -10,6 +10,8 @@ methods.md), independently of the code under test:
                            uniform graph, from the matrix exponential of the graph's rate matrix
   ExactAR                  logits = log p(x_{i+1} | x_1..x_i) for the BOS-shifted input (with an
                            optional cache, so ARSampler can draw from it)
+  ExactMaskedAttention     BD3-LM: logits = log p(x_pos | non-MASK tokens of the keys the attention
+                           mask lets the query see), with a cache of tokens and positions
   EXACT_MODELS             method name -> callable(method) -> its exact model on JOINT; a new
                            method joins tests/test_contract.py's bound check by adding an entry
 
@@ -224,6 +226,103 @@ class ExactAR:
         return logits[:, n - new:]
 
 
+# ------------------------------------------------------------------------ BD3-LM: masked attention
+
+class ExactMaskedAttention:
+    """A `model` that is exact for `joint` under whatever attention mask it is given (BD3-LM).
+
+    Every query reads the keys its boolean mask row lets it see (a str mask: "bidirectional" or
+    None sees every key, "causal" the keys at or before it; QueryGroups through their dense mask),
+    among the cached keys followed by the call's tokens; the non-MASK tokens at those keys' positions are its known values, and its logits
+    are log p(x_pos | known values) from the joint table, pos the query's position. The MASK logit
+    is an arbitrary large number, ids that are neither symbols nor MASK get -inf, and sigma is not
+    read (the exact SUBS target does not depend on t). Two visible keys at one position holding
+    different symbols are an error. With `new_cache` it stores the tokens and positions of calls
+    made with cache_write=True (as a KV cache stores keys and values); `keep_rows` drops rows.
+    `calls` counts the calls."""
+
+    class Cache:
+        def __init__(self, batch: int) -> None:
+            self.tokens = torch.zeros(batch, 0, dtype=torch.long)
+            self.positions = torch.zeros(0, dtype=torch.long)
+            self.length = 0
+
+        def keep_rows(self, rows: torch.Tensor) -> None:
+            self.tokens = self.tokens[rows]
+
+    def __init__(self, joint: torch.Tensor = JOINT, *, n_symbols: int = V, length: int = L,
+                 mask_id: int = MASK, vocab: int | None = None, mask_logit: float = 9.0) -> None:
+        self.joint, self.n_symbols, self.length, self.calls = joint, n_symbols, length, 0
+        self.seqs = all_sequences(n_symbols, length)  # (S, length)
+        self.mask_id, self.mask_logit = mask_id, mask_logit
+        self.vocab = vocab if vocab is not None else max(n_symbols, mask_id) + 1
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> "ExactMaskedAttention.Cache":
+        return ExactMaskedAttention.Cache(batch)
+
+    def parameters(self):
+        return iter(())
+
+    @staticmethod
+    def visibility(mask, batch: int, n_query: int, n_key: int) -> torch.Tensor:
+        """(B, Nq, Nk) bool: which keys each query reads (queries are the last Nq of Nk)."""
+        if mask is None or (isinstance(mask, str) and mask == "bidirectional"):
+            return torch.ones(batch, n_query, n_key, dtype=torch.bool)
+        if isinstance(mask, str):
+            assert mask == "causal", mask
+            offset = n_key - n_query
+            q = torch.arange(n_query)[:, None] + offset
+            return (torch.arange(n_key)[None, :] <= q).expand(batch, -1, -1)
+        if hasattr(mask, "dense"):  # ddlm.nn.attention.QueryGroups
+            mask = mask.dense()
+        mask = mask.bool().cpu()
+        if mask.dim() == 4:  # (B or 1, 1, Nq, Nk)
+            mask = mask[:, 0]
+        assert mask.shape[-2:] == (n_query, n_key), (tuple(mask.shape), n_query, n_key)
+        return mask.expand(batch, n_query, n_key)
+
+    def __call__(self, tokens, *, sigma=None, mask=None, cache=None, cache_write=True, positions=None,
+                 logits_for=None, **_):
+        self.calls += 1
+        B, N = tokens.shape
+        tokens = tokens.cpu()
+        offset = cache.length if cache is not None else 0
+        positions = torch.arange(offset, offset + N) if positions is None else positions.cpu().long()
+        keys, key_pos = tokens, positions
+        if cache is not None:
+            keys = torch.cat([cache.tokens, tokens], dim=1)
+            key_pos = torch.cat([cache.positions, positions])
+            if cache_write:
+                cache.tokens, cache.positions = keys, key_pos
+                cache.length += N
+        assert int(key_pos.max()) < self.length and int(key_pos.min()) >= 0, key_pos
+        seen = self.visibility(mask, B, N, keys.shape[1])  # (B, N, K)
+        known = torch.full((B, N, self.length), self.mask_id, dtype=torch.long)
+        for j in range(keys.shape[1]):
+            value = keys[:, j][:, None].expand(B, N)
+            here = seen[:, :, j] & (value != self.mask_id)
+            old = known[:, :, key_pos[j]]
+            assert not (here & (old != self.mask_id) & (old != value)).any(), "two values at one position"
+            known[:, :, key_pos[j]] = torch.where(here, value, old)
+        # one conditional per distinct (known values, query position): code them as integers
+        base = self.n_symbols + 1
+        digits = torch.where(known == self.mask_id, self.n_symbols, known)  # MASK -> n_symbols
+        codes = (digits * base ** torch.arange(self.length)).sum(-1) + positions * base ** self.length
+        unique, inverse = torch.unique(codes.reshape(-1), return_inverse=True)
+        pos_u = unique // base ** self.length
+        known_u = (unique[:, None] // base ** torch.arange(self.length)) % base  # (U, length)
+        seqs = self.seqs
+        compatible = ((known_u[:, None, :] == self.n_symbols) | (known_u[:, None, :] == seqs)).all(-1)
+        post = compatible * self.joint  # (U, S)
+        marg = torch.zeros(len(unique), self.vocab, dtype=torch.float64).scatter_add_(
+            1, seqs[:, pos_u].T, post)  # (U, vocab): mass of x_pos = v
+        logits = (marg / marg.sum(-1, keepdim=True)).log()[inverse].view(B, N, self.vocab)
+        logits[..., self.mask_id] = self.mask_logit
+        if logits_for is not None:
+            logits = logits[:, :logits_for]
+        return logits
+
+
 # ------------------------------------------------------------------------------------ registry
 
 def _exact_sedd(method):
@@ -238,7 +337,12 @@ def _exact_ar(method):
     return ExactAR(JOINT, vocab=method.vocab_size)
 
 
-EXACT_MODELS: dict[str, Callable] = {"ar": _exact_ar, "mdlm": _exact_mdlm, "sedd": _exact_sedd}
+def _exact_bd3(method):
+    return ExactMaskedAttention(JOINT, vocab=method.vocab_size, mask_id=method.mask_id)
+
+
+EXACT_MODELS: dict[str, Callable] = {"ar": _exact_ar, "mdlm": _exact_mdlm, "sedd": _exact_sedd,
+                                     "bd3": _exact_bd3}
 """method name -> callable(method) -> a model that is exact for JOINT (data symbols 0..V-1, L = 3)
 with that method's parameterisation; the method is built with vocab_size = V + 1, mask_id = MASK,
 bos_id = pad_id = 0 (see tests/test_contract.py). New methods add an entry."""

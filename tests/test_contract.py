@@ -114,14 +114,19 @@ def bound_cases():
         cls = method_class(name)
         fields = {f.name for f in dataclasses.fields(cls.config_class)}
         options = {k: 1e-6 for k in ("eps", "sampling_eps") if k in fields}
+        if "block_size" in fields:  # blocks must divide JOINT's length 3: L' = 1 here, L' = 3 below
+            options["block_size"] = 1
         cases.append(pytest.param(name, options, id=name))
     cases.append(pytest.param("sedd", {"graph": "uniform", "schedule": "geometric", "sigma_min": 1e-5,
                                        "sampling_eps": 1e-6},
                               id="sedd-uniform"))
+    if "bd3" in METHODS:
+        cases.append(pytest.param("bd3", {"eps": 1e-6, "sampling_eps": 1e-6, "block_size": 3},
+                                  id="bd3-block3"))
     return cases
 
 
-TIGHT = {"ar", "mdlm", "sedd"}  # bound == -log p(x) (up to 1e-3 nats) with the exact model
+TIGHT = {"ar", "mdlm", "sedd", "bd3"}  # bound == -log p(x) (up to 1e-3 nats) with the exact model
 
 
 def data_law(method) -> torch.Tensor:

@@ -105,7 +105,9 @@ class BD3(MDLM):
     # ---- time and corruption: one t per block ---------------------------------------------
 
     def training_times(self, batch: int, length: int, *, generator=None, device=None) -> torch.Tensor:
-        """(B, K) float64 times, stratified over the B*K blocks, inside the current window."""
+        """(B, K) float64 times, stratified over the B*K blocks, inside the current window (the
+        full-mask window (1, 1) has no times: `loss` then uses `full_mask_nll`; these are the full
+        window's)."""
         K = self.blocks(length)
         lo, hi = self.window
         if (lo, hi) == (0.0, 1.0) or self.full_mask:

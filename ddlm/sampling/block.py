@@ -115,7 +115,7 @@ class BlockSampler(Sampler):
             block, used = self.inner.fill(prefix, seq[rows, b0:b0 + Lb], self.row_subset(generator, rows))
             seq[rows, b0:b0 + Lb] = block
             nfe += used
-            stopped = self.stops(seq[rows, :b0 + Lb], Lp, lengths, rows)
+            stopped = self.stops(seq[rows, :min(b0 + Lb, goal)], Lp, lengths, rows)
             if b0 + Lb >= seq.shape[1] or stopped.all():
                 break
             if stopped.any():
@@ -149,7 +149,8 @@ class BlockSampler(Sampler):
 
     def stops(self, seq: torch.Tensor, prompt_len: int, lengths: torch.Tensor,
               rows: torch.Tensor) -> torch.Tensor:
-        """(R,) bool: rows of seq (R, T) that end now; their lengths are written into `lengths`.
+        """(R,) bool: rows of seq (R, T), cut at the requested length, that end now; their lengths
+        are written into `lengths`.
         EOS: the row ends after its first generated EOS. Entropy: the unigram entropy (nats) of
         the last `entropy_window` generated tokens is below `stop_entropy`; that tail is cut."""
         R, T = seq.shape
