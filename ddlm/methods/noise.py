@@ -140,7 +140,8 @@ class DiffusionMethod(Method):
         """Per-sequence bound in nats (float64), averaged over n_samples draws of (t, x_t), plus
         the prior term.
 
-        Protocol: one t per sequence (or per block) per sample, from `eval_times`; log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the
+        Protocol: one t per sequence (or per block) per sample, from `eval_times`;
+        log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the
         AR rule, so both count the same tokens; pass loss_mask = x0 != pad for padded data). `nll`
         is the mean over samples, so a standard error can be taken across sequences.
         """

@@ -98,7 +98,7 @@ class BlockSampler(Sampler):
         start = prompt_rows(prompt, n, model_device(model))
         Lb, Lp = self.method.block_size, start.shape[1]
         goal = Lp + length
-        context = self.context or math.ceil(goal / Lb) * Lb
+        context = self.context or getattr(getattr(model, "cfg", None), "max_len", 0) or math.ceil(goal / Lb) * Lb
         keep = self.kept_tokens(context)
         seq = self.masked_after(start, math.ceil(goal / Lb) * Lb - Lp)  # whole blocks
         lengths = torch.full((n,), goal, dtype=torch.long, device=seq.device)
