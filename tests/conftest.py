@@ -233,8 +233,9 @@ class ExactMaskedAttention:
 
     Every query reads the keys its boolean mask row lets it see (a str mask: "bidirectional" or
     None sees every key, "causal" the keys at or before it; QueryGroups through their dense mask),
-    among the cached keys followed by the call's tokens; the non-MASK tokens at those keys' positions are its known values, and its logits
-    are log p(x_pos | known values) from the joint table, pos the query's position. The MASK logit
+    among the cached keys followed by the call's tokens; the non-MASK tokens at those keys'
+    positions are its known values, and its logits are log p(x_pos | known values) from the joint
+    table, pos the query's position. The MASK logit
     is an arbitrary large number, ids that are neither symbols nor MASK get -inf, and sigma is not
     read (the exact SUBS target does not depend on t). Two visible keys at one position holding
     different symbols are an error. With `new_cache` it stores the tokens and positions of calls
