@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ddlm import runtime
-from ddlm.checkpoint import load_checkpoint
+from ddlm.checkpoint import load_checkpoint, weights_misfit
 from ddlm.config import RunConfig
 from ddlm.data import BlockDataset, Tokenizer, build_datasets, build_tokenizer, load_corpus, tokenizer_from_dict
 from ddlm.errors import CheckpointError
@@ -64,14 +64,8 @@ def load_for_inference(path: str | Path, device: torch.device | None = None) -> 
                               f"tokenizer has {tokenizer.vocab_size}")
     method = build_method(run, tokenizer)
     model = method.build_model(run.model)
-    try:
-        missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise CheckpointError(f"checkpoint '{ckpt.path}' weights do not fit its config "
-                              f"({str(err).splitlines()[-1].strip()[:120]})") from None
-    if missing or unexpected:
-        name = (missing or unexpected)[0]
-        raise CheckpointError(f"checkpoint '{ckpt.path}' does not match its config "
-                              f"({'missing' if missing else 'unexpected'} tensor {name})")
+    misfit = weights_misfit(model, ckpt.weights)
+    if misfit:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' weights do not fit its config ({misfit})")
     model.to(device or runtime.device()).eval()
     return Loaded(run, tokenizer, method, model, ckpt.path, ckpt.step)

@@ -177,3 +177,15 @@ def load_trainer_state(ckpt: Path) -> dict:
     except Exception as err:  # torch raises many kinds on a damaged pickle/zip
         raise CheckpointError(f"'{path}' is corrupt or truncated ({type(err).__name__})") from None
 
+
+
+def weights_misfit(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """Load `weights` into `model`; None when they fit, else one line saying why not (a shape
+    mismatch, or the first missing or unexpected tensor)."""
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # shape mismatch
+        return str(err).splitlines()[-1].strip()[:120]
+    if missing or unexpected:
+        return f"{'missing' if missing else 'unexpected'} tensor {(missing or unexpected)[0]}"
+    return None

@@ -351,14 +351,14 @@ bos_id = pad_id = 0 (see tests/test_contract.py). New methods add an entry."""
 
 # --------------------------------------------------------------------------- a real tiny backbone
 
-def tiny_transformer(time_conditioning=False, vocab=11, max_len=8, seed=0):
+def tiny_transformer(time_conditioning=False, vocab=11, max_len=8, seed=0, n_layers=1):
     """A gated backbone (the diffusion default) with its zero-initialised gates and output layer
     perturbed, so that its output depends on the input and on sigma."""
     from ddlm.config import ModelConfig
     from ddlm.nn.transformer import Transformer
 
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, max_len=max_len, dim=32, n_layers=1, n_heads=2,
+    cfg = ModelConfig(vocab_size=vocab, max_len=max_len, dim=32, n_layers=n_layers, n_heads=2,
                       time_conditioning=time_conditioning, block="gated")
     model = Transformer(cfg).eval()
     with torch.no_grad():

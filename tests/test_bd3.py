@@ -25,20 +25,19 @@ from safetensors.torch import load_file
 
 from ddlm.build import build_method, load_for_inference, prepare_data
 from ddlm.checkpoint import load_trainer_state
-from ddlm.config import ModelConfig, SampleConfig, make_config
+from ddlm.config import SampleConfig, make_config
 from ddlm.data import build_tokenizer
 from ddlm.errors import ConfigError
 from ddlm.methods.bd3 import BD3, BD3Config, window_grid
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.nn.attention import block_causal_mask, block_diffusion_mask, prefix_block_mask
-from ddlm.nn.transformer import Transformer
 from ddlm.sampling.base import row_generators
 from ddlm.sampling.block import BlockSampler, PrefixModel
 from ddlm.sampling.run import sample_checkpoint
 from ddlm.train.loop import Trainer, train
 
 from conftest import (JOINT, MASK, V, ExactMaskedAttention, all_sequences, conditional,
-                      dirichlet_joint, gauss_legendre, patterns)
+                      dirichlet_joint, gauss_legendre, patterns, tiny_transformer)
 
 VOCAB, MASK_ID, EOS = 11, 10, 9  # the real tiny backbone: symbols 0..9 (9 doubles as EOS), MASK 10
 JOINT4 = dirichlet_joint(V ** 4, seed=1)  # a second enumerable joint: V = 3 symbols, L = 4
@@ -49,14 +48,7 @@ def backbone(time_conditioning: bool = False, max_len: int = 8, n_layers: int = 
     """A gated Transformer (the diffusion default) with every parameter perturbed, so its zero-
     initialised gates and modulations are live. Two layers: a second layer's keys carry what the
     first layer's queries saw, so a wrong x_0 -> x_t mask block also changes the x_t logits."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=VOCAB, max_len=max_len, dim=32, n_layers=n_layers, n_heads=2,
-                      time_conditioning=time_conditioning, block="gated")
-    model = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return model
+    return tiny_transformer(time_conditioning, vocab=VOCAB, max_len=max_len, seed=seed, n_layers=n_layers)
 
 
 def sampling_backbone(time_conditioning: bool = False, max_len: int = 16):

@@ -85,7 +85,6 @@ class BD3(MDLM):
     name = "bd3"
     config_class = BD3Config
     bound_name = "block NELBO (MDLM eq. 11 per block given the clean prefix) + prior KL"
-    samplers = ("ancestral", "first_hitting")
 
     def __init__(self, cfg, **kw) -> None:
         super().__init__(cfg, **kw)

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from ddlm import runtime
 from ddlm.build import build_method, complete_model_config, prepare_data
-from ddlm.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint
+from ddlm.checkpoint import (load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint,
+                             weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError
@@ -125,16 +126,9 @@ class Trainer:
 
     def _initialise_from(self, path: str) -> None:
         """Load another run's inference weights (e.g. MDLM's, to fine-tune as BD3-LM)."""
-        weights = load_checkpoint(path).weights
-        try:
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        except RuntimeError as err:  # shape mismatch
-            raise ConfigError(f"train.init={path!r}: its weights do not fit this model "
-                              f"({str(err).splitlines()[-1].strip()[:120]})") from None
-        if missing or unexpected:
-            name = (missing or unexpected)[0]
-            raise ConfigError(f"train.init={path!r}: its weights do not fit this model "
-                              f"({'missing' if missing else 'unexpected'} tensor {name}); "
+        misfit = weights_misfit(self.model, load_checkpoint(path).weights)
+        if misfit:
+            raise ConfigError(f"train.init={path!r}: its weights do not fit this model ({misfit}); "
                               f"use the same model.* options")
 
     def _restore(self, ckpt: Path) -> None:
