@@ -9,10 +9,10 @@ import torch
 
 from ddlm import runtime
 from ddlm.checkpoint import load_checkpoint, weights_misfit
-from ddlm.config import RunConfig
+from ddlm.config import RunConfig, make_config
 from ddlm.data import BlockDataset, Tokenizer, build_datasets, build_tokenizer, load_corpus, tokenizer_from_dict
-from ddlm.errors import CheckpointError
-from ddlm.methods.base import Method, method_class
+from ddlm.errors import CheckpointError, ConfigError
+from ddlm.methods.base import Method, method_class, method_names
 
 
 def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None
@@ -53,19 +53,62 @@ class Loaded:
     step: int
 
 
-def load_for_inference(path: str | Path, device: torch.device | None = None) -> Loaded:
+def load_for_inference(path: str | Path, device: torch.device | None = None, *,
+                       method_options: dict[str, str] | None = None) -> Loaded:
     """Rebuild the run from a checkpoint directory and load its inference weights (safetensors;
-    the trainer and its pickled state are never touched)."""
+    the trainer and its pickled state are never touched). `method_options` ({'edlm.k': '8'}, from
+    `--<method>.<field>=value` at sample or eval time) change the run's method options, or wrap
+    its method in one that declares it can (EDLM around an MDLM run)."""
     ckpt = load_checkpoint(path)
     tokenizer = tokenizer_from_dict(ckpt.tokenizer_dict)
-    run = ckpt.config
+    run = with_method_options(ckpt.config, method_options or {})
     if run.model.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"checkpoint '{ckpt.path}' has model vocab {run.model.vocab_size} but its "
                               f"tokenizer has {tokenizer.vocab_size}")
     method = build_method(run, tokenizer)
+    method.load_parts(load_for_inference, tokenizer)
     model = method.build_model(run.model)
-    misfit = weights_misfit(model, ckpt.weights)
+    weights = method.adopt_weights(model, ckpt.weights, ckpt.config.method)
+    misfit = weights_misfit(model, weights)
     if misfit:
         raise CheckpointError(f"checkpoint '{ckpt.path}' weights do not fit its config ({misfit})")
     model.to(device or runtime.device()).eval()
     return Loaded(run, tokenizer, method, model, ckpt.path, ckpt.step)
+
+
+def with_method_options(run: RunConfig, options: dict[str, str]) -> RunConfig:
+    """`run` with `--<method>.<field>=value` options applied: the run's own method's, or those of
+    a method whose `wraps` names the run's method (it starts from the run's method options)."""
+    if not options:
+        return run
+    sections = {key.partition(".")[0] for key in options}
+    if len(sections) > 1:
+        raise ConfigError(f"options of several methods given ({', '.join(sorted(sections))}); give one")
+    (name,) = sections
+    if name not in method_names():
+        raise ConfigError(f"option --{next(iter(options))} does not apply here; use --sample.<field>, "
+                          f"--eval.<field> or --{run.method}.<field>")
+    base = run.to_dict()
+    if name != run.method:
+        if run.method not in method_class(name).wraps:
+            raise ConfigError(f"--{name}.* options do not apply to a {run.method!r} checkpoint")
+        base[name] = carried_options(base.pop(run.method), name)
+        base["method"] = name
+    return make_config(base=base, overrides=options)
+
+
+def carried_options(options: dict, method: str) -> dict:
+    """The fields of one method's options that `method`'s config class also has."""
+    names = {f.name for f in dataclasses.fields(method_class(method).config_class)}
+    return {k: v for k, v in options.items() if k in names}
+
+
+def init_base(path: str | Path, method: str | None) -> dict:
+    """The config a run started with `--init PATH` inherits: the data and model sections of that
+    checkpoint, and its method options that `method` also has (so an MDLM run's schedule and time
+    conditioning carry over to BD3-LM or EDLM)."""
+    old = load_checkpoint(path).config.to_dict()
+    method = method or old["method"]
+    method_class(method)  # an unknown name is a one-line error here
+    return {"method": method, "data": old["data"], "model": old["model"],
+            method: carried_options(old.get(old["method"], {}), method)}

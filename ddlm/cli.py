@@ -32,7 +32,13 @@ def cmd_train(args, extra: list[str]) -> int:
             overrides[key] = str(flag)
     if args.json:
         overrides.setdefault("train.progress", "false")
-    run = make_config(recipe=args.config, overrides=overrides)
+    base = None
+    if overrides.get("train.init"):  # the data and model of the run it starts from, unless overridden
+        from ddlm.build import init_base
+        from ddlm.checkpoint import resolve_checkpoint
+
+        base = init_base(resolve_checkpoint(overrides["train.init"]), overrides.get("method"))
+    run = make_config(recipe=args.config, overrides=overrides, base=base)
     result = train(run, args.out, overwrite=args.overwrite, quiet=args.json)
     payload = {"out": str(result.out_dir), "checkpoint": str(result.checkpoint), "step": result.step,
                "interrupted": result.interrupted, "dtype": result.dtype,
@@ -121,14 +127,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_args(s):
-    s.add_argument("--method", help="ar | mdlm | sedd | bd3")
+    s.add_argument("--method", help="ar | mdlm | sedd | bd3 | edlm")
     s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt (default austen)")
     s.add_argument("--tokenizer", help="char | byte | bpe | cl100k (default char)")
     s.add_argument("--out", required=True, help="run directory (resumed if it holds this run)")
     s.add_argument("--steps", type=int, help="optimizer steps (same as --train.steps)")
     s.add_argument("--config", help="YAML recipe applied before the command-line options")
     s.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
-    s.add_argument("--init", help="start from this checkpoint's weights (e.g. MDLM for --method bd3)")
+    s.add_argument("--init", help="start from this checkpoint's weights, data and model options (e.g. "
+                                  "MDLM for --method bd3, or for --method edlm --edlm.energy nce)")
 
 
 def _eval_args(s):

@@ -323,6 +323,18 @@ def section_config(base, section: str, values: dict, extra: list[str]):
     return _build(type(base), merged, section)
 
 
+def split_sections(extra: list[str], section: str) -> tuple[list[str], dict[str, str]]:
+    """Split `--a.b=value` arguments into those of `section` (as arguments) and the rest
+    ({'a.b': 'value'}: method options given at sample or eval time)."""
+    own, other = [], {}
+    for key, value in parse_overrides(extra).items():
+        if key.partition(".")[0] == section:
+            own.append(f"--{key}={value}")
+        else:
+            other[key] = value
+    return own, other
+
+
 def _unknown_key(key: str, known: list[str]) -> str:
     near = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean --{near[0]}?)" if near else ""

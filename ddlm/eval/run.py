@@ -6,7 +6,7 @@ import json
 
 from ddlm import runtime
 from ddlm.build import load_for_inference, prepare_data
-from ddlm.config import EvalConfig, section_config
+from ddlm.config import EvalConfig, section_config, split_sections
 from ddlm.errors import ConfigError, DataError
 from ddlm.eval.likelihood import evaluate_likelihood
 
@@ -20,13 +20,14 @@ def protocol_text(method, cfg: EvalConfig, exact: bool) -> str:
 
 def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = None,
                         overrides: list[str] | None = None, progress: bool = False) -> dict:
-    loaded = load_for_inference(path)
+    eval_args, method_options = split_sections(overrides or [], "eval")
+    loaded = load_for_inference(path, method_options=method_options)
     run = loaded.run
     if not loaded.method.has_likelihood:
         raise ConfigError(f"no likelihood for method {run.method!r}: it defines no bound to evaluate")
     if data:
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, corpus=data))
-    cfg = section_config(run.eval, "eval", {"split": split}, overrides or [])
+    cfg = section_config(run.eval, "eval", {"split": split}, eval_args)
     _, datasets = prepare_data(run, loaded.tokenizer)
     key = "valid" if cfg.split == "validation" else cfg.split
     if len(datasets[key]) == 0:

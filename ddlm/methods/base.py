@@ -7,6 +7,7 @@ evaluator, CLI, samplers) only ever talks to this interface:
     build_model(model_cfg) -> nn.Module        the one Transformer by default; a method may return a
                                                composite whose frozen parts (requires_grad=False)
                                                the trainer leaves out of the optimizer and EMA
+    adopt_weights(model, weights, source)      map another run's weights onto that model (--init)
     loss(model, x0, *, t=None, loss_mask=None) -> LossOutput
     nll_bound(model, x0, *, n_samples, loss_mask, generator) -> NLLBound   (if has_likelihood)
     sampler(sample_cfg) -> Sampler             options chosen at sample time
@@ -30,11 +31,13 @@ from ddlm.nn.transformer import Transformer
 class LossOutput:
     """loss: scalar to back-propagate (mean over counted tokens).
     token_nll: (B, L) per-token loss contribution in nats (float32), zero where not counted.
-    weights: (B, L) float mask of the tokens that count (1 = counted)."""
+    weights: (B, L) float mask of the tokens that count (1 = counted).
+    metrics: other figures a method reports with its loss (validation averages and logs them)."""
 
     loss: torch.Tensor
     token_nll: torch.Tensor
     weights: torch.Tensor
+    metrics: dict | None = None
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Method:
     has_likelihood: ClassVar[bool] = True  # False: nll_bound is not defined (eval refuses)
     default_block: ClassVar[str] = "plain"  # backbone block when model.block is auto
     samplers: ClassVar[tuple[str, ...]] = ()  # sampler names; the first is the default
+    validation: ClassVar[str] = "likelihood"  # what training validates: likelihood | loss
+    wraps: ClassVar[tuple[str, ...]] = ()  # methods whose checkpoints this one can be built around
 
     def __init__(self, cfg: MethodConfig, *, vocab_size: int, mask_id: int, bos_id: int,
                  pad_id: int, context: int = 0) -> None:
@@ -101,6 +106,15 @@ class Method:
     def sampler(self, cfg: Any):
         """The sampler a SampleConfig names (cfg.sampler '' : the method's default)."""
         raise NotImplementedError
+
+    def adopt_weights(self, model: torch.nn.Module, weights: dict, source: str) -> dict:
+        """The state dict to load into `model` from a checkpoint of method `source` (`--init`, or
+        a composite built around another run); default: the weights as they are."""
+        return weights
+
+    def load_parts(self, load: Callable, tokenizer) -> None:
+        """Load the parts of the model that other runs supply (EDLM's AR or NCE energy) with
+        `load(path) -> Loaded`; they must share `tokenizer`. Default: none."""
 
     # ---- state a method adapts while training (e.g. BD3-LM's clipped window) -----------------
 

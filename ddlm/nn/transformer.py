@@ -204,11 +204,14 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *, sigma: torch.Tensor | None = None,
                 mask: MaskSpec = "causal", cache: KVCache | None = None, cache_write: bool = True,
-                positions: torch.Tensor | None = None, logits_for: int | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_for: int | None = None,
+                embed_offset: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """tokens (B, L); sigma the noise level, (B,) or (B, K) with K | L (None: sigma = 0, the
         learned constant of a gated block); positions (L,) for RoPE (default: continue after the
-        cache); logits_for = n scores only the first n positions (BD3-LM's x_t half). Returns
-        logits (B, L or n, V) float32."""
+        cache); logits_for = n scores only the first n positions (BD3-LM's x_t half);
+        embed_offset (B, L, D) is added to the token embeddings (EDLM's energy marks masked
+        positions with it). Returns logits (B, L or n, V) float32, or with `hidden` the final
+        normalised states (B, L or n, D) that the output layer would read."""
         B, L = tokens.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
@@ -216,6 +219,8 @@ class Transformer(nn.Module):
         cos, sin = self.rotary.cos_sin(positions)
         cond = self.conditioning(sigma, B, tokens.device)  # (B, K, cond_dim) or None
         h = self.embed(tokens)  # (B, L, D)
+        if embed_offset is not None:
+            h = h + embed_offset.to(h.dtype)
         last = len(self.blocks) - 1
         trim = None if hasattr(mask, "mask_mod") else logits_for  # a FlexAttention mask is kept whole
         for i, block in enumerate(self.blocks):
@@ -228,7 +233,7 @@ class Transformer(nn.Module):
             h = self.norm(h)
         if cache is not None and cache_write:
             cache.advance(L)
-        return self.head(h).float()
+        return h if hidden else self.head(h).float()
 
     def conditioning(self, sigma: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         """SiLU(embed(sigma)) as (B, K, cond_dim); sigma None means 0; None when unconditioned."""

@@ -40,15 +40,23 @@ class MaskedSampler(Sampler):
         return logp
 
     def draw_x0(self, model, z: torch.Tensor, t: float | torch.Tensor, logp: torch.Tensor,
-                generator) -> torch.Tensor:
-        """Part 1 of a step: x_0 (B, L) drawn from the denoiser's log-probabilities logp (rows
-        without a MASK draw nothing from a per-row generator)."""
-        return gumbel_argmax(logp, generator, active=(z == self.method.mask_id).any(1))
+                generator, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Part 1 of a step: x_0 (B, L) drawn from the denoiser's log-probabilities logp. Only
+        `active` rows (default: rows with a MASK) draw from a per-row generator."""
+        if active is None:
+            active = (z == self.method.mask_id).any(1)
+        return gumbel_argmax(logp, generator, active=active)
 
     def posterior_step(self, z: torch.Tensor, x0: torch.Tensor, t: float | torch.Tensor,
                        s: float | torch.Tensor, generator) -> torch.Tensor:
         """Part 2: z_s ~ q(z_s | z_t, x_0); a MASK unmasks to x_0 with probability (m_t - m_s)/m_t.
         t, s scalars or (B,); s = 0 unmasks every token, whatever m(0) the schedule has."""
+        return torch.where(self.unmasking(z, t, s, generator), x0, z)
+
+    def unmasking(self, z: torch.Tensor, t: float | torch.Tensor, s: float | torch.Tensor,
+                  generator) -> torch.Tensor:
+        """(B, L) bool: the MASKs of z that the step t -> s unmasks, each with probability
+        (m_t - m_s)/m_t independently of x_0 (s = 0: all of them)."""
         shape = (z.shape[0], 1)
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(shape[0])[:, None]
         s = torch.as_tensor(s, dtype=torch.float64, device=z.device).expand(shape[0])[:, None]
@@ -57,8 +65,12 @@ class MaskedSampler(Sampler):
         m_s = torch.where(s > 0, self.method.schedule.mask_prob(s), torch.zeros_like(s))
         masked = z == self.method.mask_id
         u = uniform(z.shape, generator, z.device, active=masked.any(1))
-        unmask = masked & (u * m_t >= m_s)
-        return torch.where(unmask, x0, z)
+        return masked & (u * m_t >= m_s)
+
+    def step(self, model, z: torch.Tensor, t: float, s: float, logp: torch.Tensor,
+             generator) -> torch.Tensor:
+        """One reverse step t -> s: part 1 (draw x_0), then part 2 (the posterior step)."""
+        return self.posterior_step(z, self.draw_x0(model, z, t, logp, generator), t, s, generator)
 
 
 class AncestralSampler(MaskedSampler):
@@ -88,7 +100,7 @@ class AncestralSampler(MaskedSampler):
                 break
             if logp is None or not cache_ok:
                 logp, nfe = self.denoiser(model, z, t), nfe + 1
-            z_next = self.posterior_step(z, self.draw_x0(model, z, t, logp, generator), t, s, generator)
+            z_next = self.step(model, z, t, s, logp, generator)
             if not torch.equal(z_next, z):
                 logp = None
             z = z_next
@@ -99,7 +111,7 @@ class AncestralSampler(MaskedSampler):
             if self.noise_removal == "argmax":
                 z = torch.where(z == mask_id, logp.argmax(-1), z)
             else:
-                z = self.posterior_step(z, self.draw_x0(model, z, t, logp, generator), t, 0.0, generator)
+                z = self.step(model, z, t, 0.0, logp, generator)
         return z, nfe
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ddlm.build import load_for_inference
-from ddlm.config import section_config
+from ddlm.config import section_config, split_sections
 from ddlm.errors import ConfigError, DataError
 from ddlm.sampling.base import model_device
 
@@ -22,8 +22,9 @@ def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
 
 def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None = None,
                       extra: list[str] | None = None) -> dict:
-    loaded = load_for_inference(path)
-    cfg = section_config(loaded.run.sample, "sample", options or {}, extra or [])
+    sample_args, method_options = split_sections(extra or [], "sample")
+    loaded = load_for_inference(path, method_options=method_options)
+    cfg = section_config(loaded.run.sample, "sample", options or {}, sample_args)
     context = loaded.run.model.max_len
     if cfg.stride > context:
         raise ConfigError(f"sample.stride={cfg.stride} is longer than the model's context of {context} tokens")

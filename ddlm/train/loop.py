@@ -125,8 +125,11 @@ class Trainer:
         return ckpt
 
     def _initialise_from(self, path: str) -> None:
-        """Load another run's inference weights (e.g. MDLM's, to fine-tune as BD3-LM)."""
-        misfit = weights_misfit(self.model, load_checkpoint(path).weights)
+        """Load another run's inference weights (e.g. MDLM's, to fine-tune as BD3-LM, or as the
+        frozen denoiser and starting energy of EDLM)."""
+        ckpt = load_checkpoint(path)
+        weights = self.method.adopt_weights(self.model, ckpt.weights, ckpt.config.method)
+        misfit = weights_misfit(self.model, weights)
         if misfit:
             raise ConfigError(f"train.init={path!r}: its weights do not fit this model ({misfit}); "
                               f"use the same model.* options")
@@ -223,7 +226,7 @@ class Trainer:
 
     def validate(self) -> dict:
         cfg = self.run.train
-        if not self.method.has_likelihood:
+        if not self.method.has_likelihood or self.method.validation == "loss":
             return self._validate_loss()
         with self._inference_weights():
             result = evaluate_likelihood(self.method, self.model, self.datasets["valid"],
@@ -243,7 +246,7 @@ class Trainer:
         cfg = self.run.train
         loader = BlockLoader(self.datasets["valid"], cfg.batch_size, shuffle=False, drop_last=False)
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        losses = []
+        losses, metrics = [], {}
         with self._inference_weights():
             self.model.eval()
             for i, batch in enumerate(loader.epoch_batches()):
@@ -252,9 +255,13 @@ class Trainer:
                 x0 = batch.tokens.to(self.device)
                 mask = batch.mask.to(self.device) if batch.mask is not None else None
                 with runtime.autocast(self.dtype, self.device):
-                    losses.append(self.method.loss(self.model, x0, loss_mask=mask, generator=generator).loss.item())
+                    out = self.method.loss(self.model, x0, loss_mask=mask, generator=generator)
+                losses.append(out.loss.item())
+                for key, value in (out.metrics or {}).items():
+                    metrics.setdefault(key, []).append(value)
             self.model.train()
-        record = {"step": self.step, "split": "valid", "val_loss": sum(losses) / max(len(losses), 1)}
+        record = {"step": self.step, "split": "valid", "val_loss": sum(losses) / max(len(losses), 1),
+                  **{f"val_{k}": sum(v) / len(v) for k, v in metrics.items()}}
         self._log(record)
         return record
 
