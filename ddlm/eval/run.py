@@ -49,6 +49,7 @@ def checkpoint_info(path) -> dict:
             "model": f"d={run.model.dim} layers={run.model.n_layers} heads={run.model.n_heads} "
                      f"context={run.model.max_len} block={run.model.block} "
                      f"time_conditioning={run.model.time_conditioning}",
+            "options": ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(run.method_options).items()) or "none",
             "tokenizer": f"{loaded.tokenizer.name} (vocab {loaded.tokenizer.vocab_size})",
             "corpus": run.data.corpus}
     metrics = loaded.path.parent.parent / "metrics.jsonl"

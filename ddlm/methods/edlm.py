@@ -20,12 +20,12 @@ Energies (`--edlm.energy`):
             whose minimiser is -E = log p_data(x_0 | x_t) / p_theta(x_0 | x_t) (nu = 1: the paper's
             -log sigma(-E+) - log sigma(E-)).
 
-Sampling (`ddlm/sampling/importance.py`): inside the window t in [1 - window, 1], k proposals from
-the denoiser, self-normalised weights exp(-E) in float64, one resampled x_0* per row, then MDLM's
-posterior step with x_0*; plain MDLM outside the window.
+Sampling (`ddlm/sampling/importance.py`, docs/methods.md §6.2.2): inside the window
+t in [1 - window, 1], k proposals from the denoiser, self-normalised weights exp(-E) in float64, one
+resampled x_0* per row, then MDLM's posterior step with x_0*; plain MDLM outside the window.
 
-Likelihood (docs/methods.md §7): what the sampler draws from is the sampling-importance-resampling
-law with k proposals, p_k(x_0 | x_t) = q(x_0) E[k w(x_0) / (w(x_0) + sum_{j=2..k} w(x^j))],
+Likelihood (docs/methods.md §6.2.3-6.2.6): what the sampler draws from is the sampling-importance-
+resampling law with k proposals, p_k(x_0 | x_t) = q(x_0) E[k w(x_0) / (w(x_0) + sum_{j=2..k} w(x^j))],
 w = exp(-E), x^j ~ q. The continuous-time NELBO of a joint denoiser needs only its one-position
 marginals, so the bound reported is MDLM's with -log x_theta[x_l] replaced by -log p_k(x_l | x_t):
 
@@ -262,9 +262,9 @@ class EDLM(MDLM):
         (repeat_interleave, then view(B, k)), so no row reads another's."""
         B, k, L = props.shape
         flat = props.reshape(B * k, L)
-        log_q = sequence_log_prob(logp.repeat_interleave(k, dim=0), flat)
+        log_q = logp.unsqueeze(1).expand(B, k, *logp.shape[1:]).gather(-1, props[..., None])  # a view, no copy
         energies = self.energy(model, flat, zt.repeat_interleave(k, dim=0), t.repeat_interleave(k, dim=0),
-                               log_q=log_q)
+                               log_q=log_q.double().squeeze(-1).sum(-1).reshape(B * k))
         return energies.view(B, k)
 
     # ---- training: noise-contrastive estimation ----------------------------------------------

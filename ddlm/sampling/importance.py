@@ -1,7 +1,7 @@
 """EDLM's parallel importance sampler: MDLM's ancestral sampler whose x_0 draw, inside a window of
 early steps t in [1 - window, 1], is importance-resampled under the method's energy (EDLM Alg. 1).
 
-A step t -> s (docs/methods.md §7):
+A step t -> s (docs/methods.md §6.2.2):
   1. which MASKs unmask (each with probability (m_t - m_s)/m_t, independent of x_0); a row where
      none does keeps z_t and spends nothing (equal in law to drawing x_0 and not using it);
   2. for the other rows, k proposals x^1..x^k ~ q(. | z_t) from one denoiser pass (the no-change
