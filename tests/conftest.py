@@ -12,6 +12,10 @@ methods.md), independently of the code under test:
                            optional cache, so ARSampler can draw from it)
   ExactMaskedAttention     BD3-LM: logits = log p(x_pos | non-MASK tokens of the keys the attention
                            mask lets the query see), with a cache of tokens and positions
+  ExactEnergy              EDLM's exact energy E* = -log p(x_0) + log q(x_0 | z), q the proposal:
+                           q exp(-E*) is the joint restricted to the completions of z (the
+                           posterior), so the residual EBM over the exact denoiser is exact
+  ExactEDLM                EDLM's composite: `.denoiser` (ExactDenoiser) and `.energy`
   EXACT_MODELS             method name -> callable(method) -> its exact model on JOINT; a new
                            method joins tests/test_contract.py's bound check by adding an entry
 
@@ -324,6 +328,53 @@ class ExactMaskedAttention:
         return logits
 
 
+# ------------------------------------------------------------------------------- EDLM: energy
+
+class ExactEnergy:
+    """EDLM's energy with which p_theta(x_0 | z) exp(-E) / Z is the exact posterior of `joint`:
+    E*(x_0, z) = -scale * (log p(x_0) - log q(x_0 | z)), scale = 1 (other scales: deliberately
+    imperfect energies). Any function of z alone cancels in the self-normalised weights, so
+    -log p(x_0) stands for -log p(x_0 | x_0 agrees with z).
+
+    `log_q` (N,) is the proposal's log-probability of x_0 as the method passes it (it knows the
+    temperature / top-p it applied); without it, q is the exact denoiser's factorised proposal
+    prod_{l masked in z} p(x_l | unmasked positions of z), computed here from the table. `calls`
+    counts the calls, `seen` keeps (x_0, z) of each call when `record` is set."""
+
+    def __init__(self, joint: torch.Tensor = JOINT, *, n_symbols: int = V, length: int = L,
+                 mask_id: int = MASK, scale: float = 1.0, record: bool = False) -> None:
+        self.joint, self.n_symbols, self.mask_id, self.scale = joint, n_symbols, mask_id, scale
+        self.place = torch.tensor([n_symbols ** (length - 1 - i) for i in range(length)])
+        self.denoiser = ExactDenoiser(joint, n_symbols=n_symbols, length=length, mask_id=mask_id)
+        self.calls, self.record, self.seen = 0, record, []
+
+    def log_q(self, x0: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 log prod_{l masked in zt} p(x0_l | unmasked positions of zt)."""
+        logits = self.denoiser(zt)  # (N, L, vocab): log p(x_l | unmasked of zt) at every l
+        token = logits.gather(-1, x0[..., None]).squeeze(-1)
+        return torch.where(zt == self.mask_id, token, torch.zeros_like(token)).sum(1)
+
+    def __call__(self, x0, zt, sigma=None, *, log_q=None):
+        self.calls += 1
+        if self.record:
+            self.seen.append((x0.clone(), zt.clone()))
+        log_p = self.joint.to(x0.device).log()[(x0 * self.place.to(x0.device)).sum(1)]
+        if log_q is None:
+            log_q = self.log_q(x0, zt)
+        return -self.scale * (log_p - log_q.double())
+
+
+class ExactEDLM:
+    """EDLM's composite model: a denoiser (called like a backbone) and an energy (called as
+    energy(x0, zt, sigma, log_q=...)). Parameterless, so samplers place it on the CPU."""
+
+    def __init__(self, denoiser, energy) -> None:
+        self.denoiser, self.energy = denoiser, energy
+
+    def parameters(self):
+        return iter(())
+
+
 # ------------------------------------------------------------------------------------ registry
 
 def _exact_sedd(method):
@@ -342,8 +393,18 @@ def _exact_bd3(method):
     return ExactMaskedAttention(JOINT, vocab=method.vocab_size, mask_id=method.mask_id)
 
 
+def _exact_edlm(method):
+    """The exact MDLM denoiser with the zero energy (ExactEnergy with scale 0): the law EDLM's
+    sampler draws from is then exactly JOINT, and its bound is MDLM's, tight. With any other energy
+    and a finite k the sampler's law is not JOINT: even the exact energy moves the exact
+    one-position marginals, so B_k(x) bounds -log of the sampler's own law, not -log JOINT(x)
+    for every x (tests/test_edlm.py checks those energies exactly)."""
+    return ExactEDLM(ExactDenoiser(JOINT, vocab=method.vocab_size, mask_id=method.mask_id),
+                     ExactEnergy(JOINT, mask_id=method.mask_id, scale=0.0))
+
+
 EXACT_MODELS: dict[str, Callable] = {"ar": _exact_ar, "mdlm": _exact_mdlm, "sedd": _exact_sedd,
-                                     "bd3": _exact_bd3}
+                                     "bd3": _exact_bd3, "edlm": _exact_edlm}
 """method name -> callable(method) -> a model that is exact for JOINT (data symbols 0..V-1, L = 3)
 with that method's parameterisation; the method is built with vocab_size = V + 1, mask_id = MASK,
 bos_id = pad_id = 0 (see tests/test_contract.py). New methods add an entry."""

@@ -126,7 +126,7 @@ def bound_cases():
     return cases
 
 
-TIGHT = {"ar", "mdlm", "sedd", "bd3"}  # bound == -log p(x) (up to 1e-3 nats) with the exact model
+TIGHT = {"ar", "mdlm", "sedd", "bd3", "edlm"}  # bound == -log p(x) (up to 1e-3 nats) with the exact model
 
 
 def data_law(method) -> torch.Tensor:

@@ -77,8 +77,10 @@ class EDLMConfig(MDLMConfig):
     bound: str = "sir"
     """ddlm eval: sir (the NELBO of the k-proposal sampler, an upper bound) | joint (the paper's
     joint plug-in with a log Z estimate; not a bound)."""
-    bound_draws: int = 1
-    """Monte-Carlo draws per rho_k estimate in the bound (more: less upward bias)."""
+    bound_draws: int = 8
+    """Monte-Carlo draws per rho_k estimate in the bound; its upward bias shrinks as 1/draws
+    (measured on the exact joint of the tests: one draw over-states the bound by ~0.7 nats per
+    sequence, eight by a tenth of that)."""
 
     def validate(self) -> None:
         self.check_all("edlm", [
@@ -308,23 +310,25 @@ class EDLM(MDLM):
             logp = self.log_x_theta(model, zt, t[:, None], dtype=torch.float64)
             nll = -logp.gather(-1, x0[..., None]).squeeze(-1)  # (B, L), 0 where unmasked
             masked = zt == self.mask_id
+            counted = masked & (weights > 0)
             base = torch.where(masked, nll, torch.zeros_like(nll))
             in_window = t >= 1.0 - self.cfg.window
             if self.cfg.bound == "joint":
-                term = (base * weights).sum(1) + self.joint_correction(model, x0, zt, t, logp, generator)
+                term = (base * weights).sum(1) + torch.where(
+                    counted.any(1), self.joint_correction(model, x0, zt, t, logp, generator), torch.zeros_like(t))
             else:
                 term = (base * weights).sum(1) + torch.where(
-                    in_window, self.sir_correction(model, x0, zt, t, logp, generator), torch.zeros_like(t))
+                    in_window, self.sir_correction(model, x0, counted, zt, t, logp, generator), torch.zeros_like(t))
             total += self.loss_weight(t) * term
         prior = (self.prior_nll(x0) * weights).sum(1)
         return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)
 
-    def sir_correction(self, model, x0, zt, t, logp, generator) -> torch.Tensor:
-        """(B,) float64: |M| * -log rho_k(l, x_t) for one masked position l per row, drawn
-        uniformly (0 for a row with nothing masked, and for k = 1)."""
+    def sir_correction(self, model, x0, masked, zt, t, logp, generator) -> torch.Tensor:
+        """(B,) float64: |M| * -log rho_k(l, x_t) for one position l per row drawn uniformly from
+        `masked` (B, L), the masked positions that are counted (0 for a row without one, and for
+        k = 1)."""
         B, L = x0.shape
         k, draws = self.cfg.k, self.cfg.bound_draws
-        masked = zt == self.mask_id
         count = masked.sum(1)
         if k == 1 or not masked.any():
             return torch.zeros(B, dtype=torch.float64, device=x0.device)

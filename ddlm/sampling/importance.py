@@ -34,7 +34,7 @@ class ImportanceSampler(AncestralSampler):
         return tokens, nfe + self.energy_passes
 
     def in_window(self, t: float) -> bool:
-        return self.k > 1 and t >= 1.0 - self.window - 1e-12
+        return self.k > 1 and self.window > 0 and t >= 1.0 - self.window - 1e-12
 
     def step(self, model, z, t, s, logp, generator):
         if not self.in_window(t):
