@@ -182,10 +182,15 @@ def load_trainer_state(ckpt: Path) -> dict:
 def weights_misfit(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
     """Load `weights` into `model`; None when they fit, else one line saying why not (a shape
     mismatch, or the first missing or unexpected tensor)."""
+    own = model.state_dict()
+    for name, tensor in weights.items():
+        if name in own and own[name].shape != tensor.shape:
+            return (f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but "
+                    f"{tuple(own[name].shape)} in the model")
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        return str(err).splitlines()[-1].strip()[:120]
+    except RuntimeError as err:  # anything else load_state_dict refuses
+        return str(err).splitlines()[-1].strip()[:160]
     if missing or unexpected:
         return f"{'missing' if missing else 'unexpected'} tensor {(missing or unexpected)[0]}"
     return None

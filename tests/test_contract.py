@@ -226,8 +226,14 @@ def test_cli_train_eval_sample_round_trip(name, tmp_path, monkeypatch, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
     out = tmp_path / "run"
+    init = []
+    if method_class(name).needs_init:  # EDLM trains an energy on a frozen MDLM run
+        assert main(["train", "--method", "mdlm", "--data", str(corpus), "--out", str(tmp_path / "base"),
+                     "--steps", "2", "--json", *TINY_ARGS]) == 0
+        capsys.readouterr()
+        init = ["--init", str(tmp_path / "base")]
     assert main(["train", "--method", name, "--data", str(corpus), "--out", str(out), "--steps", "3",
-                 "--json", *TINY_ARGS]) == 0
+                 "--json", *TINY_ARGS, *init]) == 0
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert trained["step"] == 3 and not trained["interrupted"]
 
@@ -278,11 +284,17 @@ def test_resume_is_bit_identical_and_continues(name, tmp_path, monkeypatch):
     monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(TEXT)
-    run = make_config(base={
-        "method": name, "model": {**TINY_MODEL, "dropout": 0.1},
-        "data": {"corpus": str(corpus), "seq_len": SEQ_LEN},
-        "train": {"steps": 4, "batch_size": 4, "warmup_steps": 2, "log_every": 1, "eval_every": 0,
-                  "ckpt_every": 0, "progress": False, "dtype": "fp32", "threads": 1}})
+    def config(method: str, **train_options):
+        return make_config(base={
+            "method": method, "model": {**TINY_MODEL, "dropout": 0.1},
+            "data": {"corpus": str(corpus), "seq_len": SEQ_LEN},
+            "train": {"steps": 4, "batch_size": 4, "warmup_steps": 2, "log_every": 1, "eval_every": 0,
+                      "ckpt_every": 0, "progress": False, "dtype": "fp32", "threads": 1, **train_options}})
+
+    init = {}
+    if method_class(name).needs_init:  # EDLM trains an energy on a frozen MDLM run
+        init = {"init": str(train(config("mdlm", steps=2), tmp_path / "base", quiet=True).out_dir)}
+    run = config(name, **init)
     full = train(run, tmp_path / "full", quiet=True)
     part = train(run, tmp_path / "part", stop_after=2, quiet=True)
     assert part.interrupted and part.step == 2 and part.losses == full.losses[:2]

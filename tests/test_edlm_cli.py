@@ -139,3 +139,31 @@ def test_edlm_misuse_is_one_clear_line(runs, tmp_path, capsys):
     assert "edlm.energy" in line and "nce" in line
     line = error_line([*sample, "--edlm.energy", "gpt:" + A], capsys)
     assert "edlm.energy" in line
+
+
+def test_edlm_requests_that_would_silently_do_nothing_useful_are_refused(runs, tmp_path, capsys):
+    """No energy named for an MDLM run (the untrained zero energy would cost k passes per step for
+    plain MDLM), an empty energy path, an AR energy with a shorter context than the denoiser, EDLM
+    trained without --init (a random frozen denoiser), and --init from a run of another method."""
+    M, N = runs["M"], runs["N"]
+    sample = ["sample", M, "--num", "1", "--steps", "2"]
+    line = error_line([*sample, "--edlm.k", "8"], capsys)
+    assert "no energy" in line and "ar:" in line
+    line = error_line(["eval", M, "--edlm.energy", "nce", "--eval.max_batches=1"], capsys)
+    assert "no energy" in line
+    line = error_line([*sample, "--edlm.energy", "ar:"], capsys)
+    assert "ar:DIR" in line
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    short = tmp_path / "A8"
+    assert main(["train", "--method", "ar", "--data", str(corpus), "--out", str(short), "--steps", "1", "--json",
+                 "--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=8", *TRAIN]) == 0
+    capsys.readouterr()
+    line = error_line([*sample, "--edlm.energy", f"ar:{short}"], capsys)
+    assert "context of 8" in line and "16" in line
+    line = error_line(["train", "--method", "edlm", "--data", str(corpus), "--out", str(tmp_path / "E0"),
+                       "--steps", "1", *MODEL_DATA, *TRAIN], capsys)
+    assert "--init" in line
+    line = error_line(["train", "--method", "mdlm", "--init", N, "--out", str(tmp_path / "E1"), "--steps", "1",
+                       *TRAIN], capsys)
+    assert "'edlm' run" in line and "'mdlm' model" in line

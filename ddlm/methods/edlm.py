@@ -73,7 +73,7 @@ class EDLMConfig(MDLMConfig):
     window: float = 1.0
     """Importance sampling for t in [1 - window, 1] (1: every step; 0: never)."""
     negatives: int = 1
-    """NCE training: negatives drawn from the frozen denoiser per positive."""
+    """NCE training only: negatives drawn from the frozen denoiser per positive."""
     bound: str = "sir"
     """ddlm eval: sir (the NELBO of the k-proposal sampler, an upper bound) | joint (the paper's
     joint plug-in with a log Z estimate; not a bound)."""
@@ -85,8 +85,8 @@ class EDLMConfig(MDLMConfig):
     def validate(self) -> None:
         self.check_all("edlm", [
             (self.discrete_steps == 0, "edlm.discrete_steps is not supported; EDLM's bound is continuous-time"),
-            (self.energy == "nce" or self.energy.startswith(("ar:", "nce:")),
-             f"edlm.energy={self.energy!r} must be nce, ar:DIR or nce:DIR"),
+            (self.energy == "nce" or (self.energy.startswith(("ar:", "nce:")) and bool(self.energy_path)),
+             f"edlm.energy={self.energy!r} must be nce, ar:DIR or nce:DIR (DIR a run directory)"),
             (self.k >= 1, f"edlm.k={self.k} must be >= 1"),
             (0.0 <= self.window <= 1.0, f"edlm.window={self.window} must be in [0, 1]"),
             (self.negatives >= 1, f"edlm.negatives={self.negatives} must be >= 1"),
@@ -170,18 +170,20 @@ class EDLM(MDLM):
     samplers = ("importance", "ancestral")
     validation = "loss"  # training validates the NCE loss; `ddlm eval` computes the bound
     wraps = ("mdlm",)  # `ddlm sample MDLM_DIR --edlm.energy ar:AR_DIR` builds EDLM around it
+    needs_init = "an MDLM run, whose denoiser EDLM freezes and whose weights start the energy"
 
     def __init__(self, cfg, **kw) -> None:
         super().__init__(cfg, **kw)
         self.energy_module: nn.Module | None = None  # an energy loaded from another run (ar:, nce:)
         self.energy_denoiser: dict | None = None  # the denoiser an nce:DIR energy was trained with
+        self.for_inference = False  # set by load_parts: built for sampling or eval, not training
 
     @property
     def bound_name(self) -> str:  # type: ignore[override]
         if self.cfg.bound == "joint":
             return (f"NOT a bound: the paper's joint plug-in w(t)[-log p_phi(x_masked | x_t)] with log Z "
                     f"from k={self.cfg.k} proposals (log Z biased low, so the figure too)")
-        return (f"NELBO of the k={self.cfg.k} importance sampler in window {self.cfg.window} (continuous "
+        return (f"upper bound: NELBO of the k={self.cfg.k} importance sampler in window {self.cfg.window} (continuous "
                 f"time, one-position marginals) + prior KL; rho_k from {self.cfg.bound_draws} draw(s), "
                 f"biased up (conservative)")
 
@@ -198,6 +200,7 @@ class EDLM(MDLM):
     def load_parts(self, load, tokenizer) -> None:
         """Load the energy that `energy` names from another run (ar:DIR, nce:DIR)."""
         kind, path = self.cfg.energy_kind, self.cfg.energy_path
+        self.for_inference = True
         if not path:
             return
         other = load(path)
@@ -207,6 +210,9 @@ class EDLM(MDLM):
         if kind == "ar":
             if other.run.method != "ar":
                 raise ConfigError(f"edlm.energy=ar:{path} is a {other.run.method!r} run, not an AR run")
+            if self.context and other.run.model.max_len < self.context:
+                raise ConfigError(f"edlm.energy=ar:{path} has a context of {other.run.model.max_len} tokens, "
+                                  f"shorter than the denoiser's {self.context}")
             self.energy_module = AREnergy(other.model, bos_id=self.bos_id, mask_id=self.mask_id,
                                           carry_over=self.cfg.carry_over)
         else:
@@ -223,6 +229,8 @@ class EDLM(MDLM):
             raise ConfigError(f"EDLM starts from an MDLM run, not a {source!r} run")
         if source == "edlm" and self.energy_module is None:
             return weights
+        if source == "mdlm" and self.energy_module is None and self.for_inference:
+            raise ConfigError("an MDLM run has no energy: give --edlm.energy ar:AR_DIR or nce:EDLM_DIR")
         denoiser = weights if source == "mdlm" else \
             {k.removeprefix("denoiser."): v for k, v in weights.items() if k.startswith("denoiser.")}
         out = dict(model.state_dict())

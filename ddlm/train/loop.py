@@ -94,6 +94,9 @@ class Trainer:
         self.model = self.method.build_model(self.run.model).to(self.device)
         if cfg.init and previous is None:
             self._initialise_from(cfg.init)
+        elif self.method.needs_init and previous is None:
+            raise ConfigError(f"method {run.method!r} starts from a trained run: give --init "
+                              f"({self.method.needs_init})")
         self.step_model = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
@@ -130,6 +133,9 @@ class Trainer:
         ckpt = load_checkpoint(path)
         weights = self.method.adopt_weights(self.model, ckpt.weights, ckpt.config.method)
         misfit = weights_misfit(self.model, weights)
+        if misfit and ckpt.config.method != self.run.method:
+            raise ConfigError(f"train.init={path!r} is a {ckpt.config.method!r} run whose weights do not "
+                              f"fit a {self.run.method!r} model ({misfit})")
         if misfit:
             raise ConfigError(f"train.init={path!r}: its weights do not fit this model ({misfit}); "
                               f"use the same model.* options")
