@@ -88,6 +88,12 @@ def with_method_options(run: RunConfig, options: dict[str, str]) -> RunConfig:
     if name not in method_names():
         raise ConfigError(f"option --{next(iter(options))} does not apply here; use --sample.<field>, "
                           f"--eval.<field> or --{run.method}.<field>")
+    fixed = [key for key in options if key.partition(".")[2] not in method_class(name).sample_options]
+    if fixed:
+        allowed = method_class(name).sample_options
+        raise ConfigError(f"option --{fixed[0]} is fixed by training; " + (
+            f"at sample or eval time only {', '.join(allowed)} can change" if allowed
+            else f"method {name!r} has no options to change at sample or eval time"))
     base = run.to_dict()
     if name != run.method:
         if run.method not in method_class(name).wraps:

@@ -167,3 +167,7 @@ def test_edlm_requests_that_would_silently_do_nothing_useful_are_refused(runs, t
     line = error_line(["train", "--method", "mdlm", "--init", N, "--out", str(tmp_path / "E1"), "--steps", "1",
                        *TRAIN], capsys)
     assert "'edlm' run" in line and "'mdlm' model" in line
+    line = error_line(["sample", N, "--num", "1", "--edlm.negatives", "3"], capsys)
+    assert "--edlm.negatives" in line and "fixed by training" in line
+    line = error_line([*sample, "--mdlm.schedule=cosine"], capsys)
+    assert "--mdlm.schedule" in line and "fixed by training" in line

@@ -74,6 +74,7 @@ class Method:
     samplers: ClassVar[tuple[str, ...]] = ()  # sampler names; the first is the default
     validation: ClassVar[str] = "likelihood"  # what training validates: likelihood | loss
     wraps: ClassVar[tuple[str, ...]] = ()  # methods whose checkpoints this one can be built around
+    sample_options: ClassVar[tuple[str, ...]] = ()  # method options that may change at sample/eval time
     needs_init: ClassVar[str] = ""  # non-empty: training must start from a run (--init); says which
 
     def __init__(self, cfg: MethodConfig, *, vocab_size: int, mask_id: int, bos_id: int,

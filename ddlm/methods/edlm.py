@@ -170,6 +170,7 @@ class EDLM(MDLM):
     samplers = ("importance", "ancestral")
     validation = "loss"  # training validates the NCE loss; `ddlm eval` computes the bound
     wraps = ("mdlm",)  # `ddlm sample MDLM_DIR --edlm.energy ar:AR_DIR` builds EDLM around it
+    sample_options = ("energy", "carry_over", "k", "window", "bound", "bound_draws")
     needs_init = "an MDLM run, whose denoiser EDLM freezes and whose weights start the energy"
 
     def __init__(self, cfg, **kw) -> None:
