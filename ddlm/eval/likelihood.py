@@ -13,10 +13,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ddlm import runtime
 from ddlm.data import BlockDataset, BlockLoader
+from ddlm.progress import progress_bar
 
 
 @dataclass
@@ -49,7 +49,7 @@ def evaluate_likelihood(method, model, dataset: BlockDataset, *, batch_size: int
     total = math.ceil(len(dataset) / batch_size)
     if max_batches:
         total = min(total, max_batches)
-    for i, batch in enumerate(tqdm(batches, total=total, disable=not progress, desc="eval", leave=False)):
+    for i, batch in enumerate(progress_bar(batches, total=total, disable=not progress, desc="eval", leave=False)):
         if max_batches and i >= max_batches:
             break
         x0 = batch.tokens.to(dev)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ddlm import runtime
 from ddlm.build import build_method, complete_model_config, prepare_data
@@ -26,6 +25,7 @@ from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError
 from ddlm.eval.likelihood import evaluate_likelihood
+from ddlm.progress import progress_bar
 from ddlm.train.ema import EMA
 from ddlm.train.optim import build_optimizer, lr_at, set_lr
 
@@ -168,8 +168,8 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.data.seq_len
         losses: list[float] = []
         valid = None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.quiet or not cfg.progress,
-                   desc=f"train {self.run.method}", dynamic_ncols=True)
+        bar = progress_bar(total=cfg.steps, initial=self.step, disable=self.quiet or not cfg.progress,
+                           desc=f"train {self.run.method}", dynamic_ncols=True)
         start = time.perf_counter()
         start_step = self.step
         checkpoint = resolve_checkpoint(self.out_dir) if self.step >= cfg.steps else None
@@ -186,7 +186,7 @@ class Trainer:
                     self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                "tokens_per_s": rate, "tokens": self.step * tokens_per_step})
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
                 last = self.step == cfg.steps
                 stopping = self.stop_requested or (stop_after is not None and self.step >= stop_after)
                 if self.method.adapt_every and self.step % self.method.adapt_every == 0:
