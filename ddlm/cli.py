@@ -74,7 +74,8 @@ def cmd_sample(args, extra: list[str]) -> int:
     overrides = {"num": args.num, "length": args.length, "seed": args.seed, "steps": args.steps,
                  "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                  "sampler": args.sampler, "cache": None if not args.no_cache else False}
-    result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra)
+    result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra,
+                               judge=args.judge)
     if args.out:
         with open(args.out, "w") as f:
             for i, text in enumerate(result["texts"]):
@@ -87,7 +88,12 @@ def cmd_sample(args, extra: list[str]) -> int:
         lengths = result["lengths"]
         print(f"[{result['method']}, {result['sampler']}: {result['nfe']} NFE, "
               f"{result['seconds']:.2f} s for {len(result['texts'])} samples; length min "
-              f"{lengths['min']} / median {lengths['median']} / max {lengths['max']} tokens]")
+              f"{lengths['min']} / median {lengths['median']} / max {lengths['max']} tokens; unigram "
+              f"entropy {result['statistics']['unigram_entropy']:.3f} nats]")
+        if "judge" in result:
+            j = result["judge"]
+            print(f"[judge {j['name']}: gen PPL {j['gen_ppl']:.2f} over {j['tokens']} tokens, "
+                  f"{j['bits_per_byte']:.3f} bits per byte]")
     return 0
 
 
@@ -157,6 +163,8 @@ def _sample_args(s):
     s.add_argument("--sampler", default=None, help="sampler name (default: the method's)")
     s.add_argument("--no-cache", action="store_true", help="disable the KV / no-change cache")
     s.add_argument("--out", default=None, help="write samples to FILE.jsonl")
+    s.add_argument("--judge", default=None, help="ar:DIR: score the samples under that AR run "
+                                                 "(gen PPL, bits per byte)")
 
 
 def _info_args(s):

@@ -88,3 +88,30 @@ def test_judge_score_is_token_weighted_and_per_byte():
     assert score.gen_ppl == pytest.approx(math.exp(total / 14))  # not the mean of per-text perplexities
     assert score.gen_ppl != pytest.approx(sum(math.exp(float(x.mean())) for x in per_text) / 3)
     assert score.bits_per_byte == pytest.approx(total / math.log(2) / 15)
+
+
+def test_cli_sample_reports_statistics_and_the_judge(tmp_path, monkeypatch, capsys):
+    import json
+
+    from ddlm.build import load_for_inference
+    from ddlm.cli import main
+
+    monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 300)
+    tiny = ["--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=16",
+            "--train.batch_size=4", "--train.eval_every=0", "--train.threads=1", "--json"]
+    for method in ("ar", "mdlm"):
+        assert main(["train", "--method", method, "--data", str(corpus), "--out", str(tmp_path / method),
+                     "--steps", "3", *tiny]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "mdlm"), "--num", "3", "--steps", "4", "--length", "40",
+                 "--judge", f"ar:{tmp_path / 'ar'}", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stats, judge = result["statistics"], result["judge"]
+    assert 0 < stats["unigram_entropy"] and set(stats["distinct"]) == {"1", "2", "3", "4"}
+    expected = judge_nll(load_for_inference(tmp_path / "ar"), result["texts"])  # past the 16-token context
+    assert judge["nll"] == pytest.approx(expected.nll) and judge["tokens"] == expected.tokens > 0
+    assert judge["gen_ppl"] == pytest.approx(math.exp(judge["nll"] / judge["tokens"]))
+    assert main(["sample", str(tmp_path / "mdlm"), "--num", "1", "--judge", f"ar:{tmp_path / 'mdlm'}"]) == 2
+    assert "not an AR run" in capsys.readouterr().err
