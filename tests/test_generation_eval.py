@@ -31,6 +31,7 @@ def causal_model():
     return model
 
 
+@torch.no_grad()
 def direct_nll(model, ids, j, window_start):
     """-log p(ids[j] | BOS-shifted inputs window_start..j), one network call."""
     inputs = torch.tensor([BOS] + ids[:-1])[window_start:j + 1]
