@@ -20,7 +20,7 @@ from pathlib import Path
 from ddlm.config import make_config
 from ddlm.eval.plots import plot_validation_curves, validation_curve
 from ddlm.quickstart import QUICKSTART
-from ddlm.runtime import _cpu_model
+from ddlm.runtime import cpu_model
 from ddlm.train.loop import train
 
 PUBLIC_BD3LMS_MDLM = {250: 3.44, 500: 3.13, 750: 2.96, 1500: 2.71}  # quoted in issue [3 of 9]
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         curves[f"ddlm MDLM ({block})"] = result.out_dir
         rows[block] = {"steps": steps, "valid_bpc": bpc, "stderr": err,
                        "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
-    report = {"benchmark": "mdlm_reference", "cpu": _cpu_model(), "machine": platform.machine(),
+    report = {"benchmark": "mdlm_reference", "cpu": cpu_model(), "machine": platform.machine(),
               "config": {"data": QUICKSTART["data"], "model": QUICKSTART["model"],
                          "train": {**QUICKSTART["train"], "steps": args.steps}},
               "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm": rows}

@@ -72,9 +72,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddlm import cli
+from ddlm import cli, runtime
 from ddlm.build import load_for_inference, prepare_data
 from ddlm.config import make_config
+from ddlm.data.markov import chain_states
 from ddlm.train.loop import train
 
 LN2 = math.log(2)
@@ -131,12 +132,7 @@ def make_chain(seed: int, n: int = len(LETTERS), support: int = 3):
 
 def write_chain(path: Path, P: np.ndarray, pi: np.ndarray, n_chars: int, seed: int) -> None:
     rng = np.random.default_rng(seed + 1)
-    cum = P.cumsum(1)
-    states = np.empty(n_chars, dtype=np.int64)
-    states[0] = rng.choice(len(pi), p=pi)
-    u = rng.random(n_chars)
-    for i in range(1, n_chars):
-        states[i] = min(int(np.searchsorted(cum[states[i - 1]], u[i])), len(pi) - 1)
+    states = chain_states(P, pi, n_chars, rng)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(LETTERS[s] for s in states) + "\n")
 
@@ -175,16 +171,6 @@ def judge_bits(judge, tokens: np.ndarray, batch: int = 64) -> np.ndarray:
     x = torch.as_tensor(tokens, dtype=torch.long)
     out = [judge.method.nll_bound(judge.model, x[i:i + batch]).nll for i in range(0, len(x), batch)]
     return (torch.cat(out) / x.shape[1] / LN2).numpy()
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def last_valid(run_dir: Path) -> dict:
@@ -612,7 +598,7 @@ def main(argv=None) -> int:
         settings.append((args.speed_k, args.speed_window))
     load = os.getloadavg()[0]
     begin = time.perf_counter()
-    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    machine = {"cpu": runtime.cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                "platform": platform.platform(), "torch": torch.__version__, "python": sys.version.split()[0],
                "load_average_1min_at_start": load}
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores, {machine['threads']} torch threads, fp32); "

@@ -220,7 +220,7 @@ def print_table(rows: list[dict], peaks: dict) -> None:
 
 
 def _machine() -> dict:
-    return {"cpu": runtime._cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    return {"cpu": runtime.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 

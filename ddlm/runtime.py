@@ -92,10 +92,10 @@ def _sync(dev: torch.device) -> None:
 
 def _probe_key(dev: torch.device) -> str:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    return f"{dev.type}|{name}|{_cpu_model()}|torch{torch.__version__}|threads{torch.get_num_threads()}"
+    return f"{dev.type}|{name}|{cpu_model()}|torch{torch.__version__}|threads{torch.get_num_threads()}"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -27,6 +27,7 @@ from ddlm.build import build_method, load_for_inference, prepare_data
 from ddlm.checkpoint import load_trainer_state
 from ddlm.config import SampleConfig, make_config
 from ddlm.data import build_tokenizer
+from ddlm.data.markov import chain_states
 from ddlm.errors import ConfigError
 from ddlm.methods.bd3 import BD3, BD3Config, window_grid
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
@@ -761,12 +762,7 @@ def write_chain(path, n_chars: int, seed: int = 0):
     k = len(LETTERS)
     P = rng.dirichlet(np.full(k, 0.5), size=k)
     pi = np.linalg.matrix_power(P, 500)[0]
-    cum = P.cumsum(1)
-    states = np.empty(n_chars, dtype=np.int64)
-    states[0] = rng.choice(k, p=pi)
-    u = rng.random(n_chars)
-    for i in range(1, n_chars):
-        states[i] = min(int(np.searchsorted(cum[states[i - 1]], u[i])), k - 1)
+    states = chain_states(P, pi, n_chars, rng)
     path.write_text("".join(LETTERS[s] for s in states) + "\n")
     return P, pi
 

@@ -26,6 +26,7 @@ import torch
 
 from ddlm.build import init_base, load_for_inference, prepare_data
 from ddlm.config import SampleConfig, make_config
+from ddlm.data.markov import chain_states
 from ddlm.methods.edlm import NCEEnergy, same_weights
 from ddlm.sampling.base import gumbel_argmax
 from ddlm.train.loop import train
@@ -48,12 +49,7 @@ def write_sparse_chain(path, n_chars: int, seed: int = 0, allowed: int = 2):
         nxt = rng.choice(n, size=allowed, replace=False)
         P[a, nxt] = rng.dirichlet(np.full(allowed, 2.0)) * (1 - EPS * (n - allowed))
     pi = np.linalg.matrix_power(P, 500)[0]
-    cum = P.cumsum(1)
-    states = np.empty(n_chars, dtype=np.int64)
-    states[0] = rng.choice(n, p=pi)
-    u = rng.random(n_chars)
-    for i in range(1, n_chars):
-        states[i] = min(int(np.searchsorted(cum[states[i - 1]], u[i])), n - 1)
+    states = chain_states(P, pi, n_chars, rng)
     path.write_text("".join(LETTERS[s] for s in states) + "\n")
     return P, pi
 

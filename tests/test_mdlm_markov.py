@@ -13,6 +13,7 @@ import torch
 
 from ddlm.build import load_for_inference, prepare_data
 from ddlm.config import make_config
+from ddlm.data.markov import chain_states
 from ddlm.train.loop import train
 
 LETTERS = "abcde"  # char tokenizer ids 1..5
@@ -24,12 +25,7 @@ def write_chain(path, n_chars: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     P = rng.dirichlet(np.full(len(LETTERS), 0.4), size=len(LETTERS))
     pi = np.linalg.matrix_power(P, 500)[0]
-    cum = P.cumsum(1)
-    states = np.empty(n_chars, dtype=np.int64)
-    states[0] = rng.choice(len(LETTERS), p=pi)
-    u = rng.random(n_chars)
-    for i in range(1, n_chars):
-        states[i] = min(int(np.searchsorted(cum[states[i - 1]], u[i])), len(LETTERS) - 1)
+    states = chain_states(P, pi, n_chars, rng)
     path.write_text("".join(LETTERS[s] for s in states) + "\n")
     return P, pi, -float((pi[:, None] * P * np.log2(P)).sum())
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from ddlm.build import load_for_inference, prepare_data
 from ddlm.config import make_config
+from ddlm.data.markov import chain_states
 from ddlm.errors import CheckpointError, ConfigError
 from ddlm.eval.likelihood import evaluate_likelihood
 from ddlm.train.loop import train
@@ -88,12 +89,7 @@ def markov_corpus(path, n_chars: int, seed: int = 0):
     k = 5
     P = rng.dirichlet(np.full(k, 0.4), size=k)
     pi = np.linalg.matrix_power(P, 200)[0]
-    states = np.empty(n_chars, dtype=np.int64)
-    states[0] = rng.choice(k, p=pi)
-    u = rng.random(n_chars)
-    cum = P.cumsum(1)
-    for i in range(1, n_chars):
-        states[i] = min(int(np.searchsorted(cum[states[i - 1]], u[i])), k - 1)
+    states = chain_states(P, pi, n_chars, rng)
     text = "".join("abcde"[s] for s in states)
     path.write_text(text + "\n")
     h = -float((pi[:, None] * P * np.log2(P)).sum())
