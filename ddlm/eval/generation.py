@@ -1,8 +1,9 @@
 """Sample statistics and scoring generated text under a judge (docs/methods.md §7, trap 4).
 
     sample_statistics(token_lists)        unigram entropy (nats), distinct-n, repetition rate
-    judge_nll(judge, texts)               a ddlm AR judge's NLL of the texts: token-weighted
-                                          generative perplexity and bits per byte of the text
+    judge_nll(judge, texts, ended=...)    a judge's NLL of the texts (ddlm/eval/judges.py):
+                                          token-weighted generative perplexity and bits per byte
+    cut_at_eos(rows, eos_id)              samples cut at their first EOS, and which ended there
 
 Generative perplexity is exp(sum of NLL / number of judge tokens) over all samples, never a mean of
 per-sample perplexities. Beside it, bits per byte (the NLL over the UTF-8 bytes of the text) does
@@ -74,40 +75,63 @@ class JudgeScore:
 
 
 @torch.no_grad()
-def token_nll(model, ids: list[int], *, bos_id: int, context: int, stride: int | None = None) -> torch.Tensor:
-    """(len(ids),) float64 NLL of each token under a causal model that sees BOS then the text.
-    Past the context a window of `context` inputs slides by `stride` (default context // 2): every
-    token is scored once, with at least context - stride tokens of left context after the first
-    window."""
+def token_nll(logits_fn, ids: list[int], *, start_id: int, context: int,
+              stride: int | None = None) -> torch.Tensor:
+    """(len(ids),) float64 NLL of each token under a causal model (`logits_fn`: (1, n) ids ->
+    (n, V) next-token logits) that sees `start_id` then the text. Past the context a window of
+    `context` inputs slides by `stride` (default context // 2): every token is scored once, with at
+    least context - stride tokens of left context after the first window."""
     stride = stride or max(1, context // 2)
-    inputs = torch.tensor([bos_id] + ids[:-1], dtype=torch.long)  # inputs[j] predicts ids[j]
+    inputs = torch.tensor([start_id] + ids[:-1], dtype=torch.long)  # inputs[j] predicts ids[j]
     targets = torch.tensor(ids, dtype=torch.long)
-    device = next(model.parameters()).device
     out = torch.empty(len(ids), dtype=torch.float64)
     scored, start = 0, 0
     while scored < len(ids):
         end = min(start + context, len(ids))
-        logits = model(inputs[start:end][None].to(device), mask="causal")[0]
-        nll = F.cross_entropy(logits.double(), targets[start:end].to(device), reduction="none").cpu()
+        logits = logits_fn(inputs[start:end][None]).cpu()
+        nll = F.cross_entropy(logits.double(), targets[start:end], reduction="none")
         out[scored:end] = nll[scored - start:]
         scored, start = end, start + stride
     return out
 
 
-def judge_nll(judge, texts: list[str], *, stride: int | None = None) -> JudgeScore:
-    """Score decoded texts with a loaded ddlm AR run (`ddlm.build.load_for_inference`): each text
-    is re-encoded with the judge's tokenizer, scored with BOS in front (EOS not added)."""
-    if judge.run.method != "ar":
-        raise ValueError(f"the judge must be an AR run, not {judge.run.method!r}")
+def judge_nll(judge, texts: list[str], *, ended: list[bool] | None = None,
+              prompts: list[str] | None = None, stride: int | None = None) -> JudgeScore:
+    """Score decoded texts under a judge (ddlm/eval/judges.py): each text is re-encoded with the
+    judge's tokenizer and scored after the judge's document-start token; a text that `ended` with
+    the generator's EOS also has the judge's end token scored after it (counted as a token; no
+    byte). With `prompts`, text i is scored as the continuation of prompt i (the prompt's tokens
+    are context, not counted)."""
+    ended = ended or [False] * len(texts)
     total, count, size = 0.0, 0, 0
-    for text in texts:
-        ids = judge.tokenizer.encode(text)
+    short = []  # (inputs, targets, n_context) of texts within the judge's context: batched
+    for i, text in enumerate(texts):
+        context_ids = judge.encode(prompts[i]) if prompts else []
+        ids = judge.encode(text) + ([judge.end_id] if ended[i] and judge.end_id is not None else [])
         size += len(text.encode("utf-8"))
         if not ids:
             continue
-        nll = token_nll(judge.model, ids, bos_id=judge.tokenizer.bos_id, context=judge.run.model.max_len,
-                        stride=stride)
-        total, count = total + float(nll.sum()), count + len(ids)
+        count += len(ids)
+        full = context_ids + ids
+        if len(full) <= judge.context:
+            short.append(([judge.start_id] + full[:-1], full, len(context_ids)))
+            continue
+        nll = token_nll(judge.logits, full, start_id=judge.start_id, context=judge.context, stride=stride)
+        total += float(nll[len(context_ids):].sum())
+    for (inputs, targets, skip), logits in zip(short, judge.logits_many([row[0] for row in short])):
+        nll = F.cross_entropy(logits.double().cpu(), torch.tensor(targets), reduction="none")
+        total += float(nll[skip:].sum())
     return JudgeScore(nll=total, tokens=count, bytes=size,
                       gen_ppl=math.exp(total / count) if count else float("nan"),
                       bits_per_byte=total / math.log(2) / size if size else float("nan"))
+
+
+def cut_at_eos(rows: list[list[int]], eos_id: int, start: int = 0) -> tuple[list[list[int]], list[bool]]:
+    """Each row up to its first EOS at or after `start` (what follows is another document), and
+    whether it ended there."""
+    cut, ended = [], []
+    for row in rows:
+        stop = next((j for j in range(start, len(row)) if row[j] == eos_id), None)
+        cut.append(row if stop is None else row[:stop])
+        ended.append(stop is not None)
+    return cut, ended

@@ -6,7 +6,8 @@ import torch
 from ddlm.build import load_for_inference
 from ddlm.config import section_config, split_sections
 from ddlm.errors import ConfigError, DataError
-from ddlm.eval.generation import judge_nll, sample_statistics
+from ddlm.eval.generation import cut_at_eos, judge_nll, sample_statistics
+from ddlm.eval.judges import load_judge
 from ddlm.sampling.base import model_device
 
 
@@ -23,7 +24,7 @@ def encode_prompt(tokenizer, prompt: str, context: int) -> torch.Tensor:
 
 def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None = None,
                       extra: list[str] | None = None, judge: str | None = None) -> dict:
-    """Draw samples; with `judge` ('ar:DIR'), also score them under that AR run and describe them
+    """Draw samples; with `judge` ('ar:DIR', 'smollm2', ...), also score them (cut at EOS) under that AR run and describe them
     (ddlm/eval/generation.py)."""
     sample_args, method_options = split_sections(extra or [], "sample")
     loaded = load_for_inference(path, method_options=method_options)
@@ -53,19 +54,11 @@ def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None =
               "lengths": length_stats([len(t) for t in tokens]), "checkpoint": str(loaded.path),
               "statistics": sample_statistics(tokens).as_dict()}
     if judge:
-        result["judge"] = {"name": judge, **judge_nll(load_judge(judge), texts).as_dict()}
+        start = 0 if prompt_ids is None else len(prompt_ids)
+        body, ended = cut_at_eos(tokens, loaded.tokenizer.eos_id, start)
+        texts_scored = [loaded.tokenizer.decode(t) for t in body]
+        result["judge"] = {"name": judge, **judge_nll(load_judge(judge), texts_scored, ended=ended).as_dict()}
     return result
-
-
-def load_judge(spec: str):
-    """'ar:DIR' -> the loaded AR run that scores samples."""
-    kind, _, path = spec.partition(":")
-    if kind != "ar" or not path:
-        raise ConfigError(f"judge {spec!r} must be ar:DIR (a ddlm AR run)")
-    judge = load_for_inference(path)
-    if judge.run.method != "ar":
-        raise ConfigError(f"judge {spec!r} is a {judge.run.method!r} run, not an AR run")
-    return judge
 
 
 def length_stats(lengths: list[int]) -> dict:
