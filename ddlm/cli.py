@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from ddlm.errors import DdlmError
 
@@ -58,12 +59,59 @@ def cmd_train(args, extra: list[str]) -> int:
 def cmd_eval(args, extra: list[str]) -> int:
     from ddlm.eval.run import evaluate_checkpoint
 
+    if args.generate:
+        return eval_generation(args, extra)
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, overrides=extra,
                                  progress=not args.json)
     text = (f"{result['method']} on {result['corpus']} [{result['split']}]: "
             f"BPC {result['bpc']:.4f} ± {result['bpc_stderr']:.4f}  PPL {result['ppl']:.3f}  "
             f"tokens {result['tokens']:,}  ({result['protocol']})")
+    if args.results:
+        from ddlm.eval.records import append_jsonl, environment
+
+        append_jsonl(args.results, {"kind": "likelihood", "result": result, "environment": environment()})
     _emit(result, args.json, text)
+    return 0
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DdlmError(f"{flag} {text!r} must be comma-separated numbers") from None
+    if not values:
+        raise DdlmError(f"{flag} is empty")
+    return values
+
+
+def eval_generation(args, extra: list[str]) -> int:
+    from ddlm.eval.records import append_jsonl
+    from ddlm.eval.run import evaluate_generation
+
+    steps = _numbers(args.gen_steps, int, "--gen-steps")
+    top_ps = _numbers(args.top_p, float, "--top-p")
+    if any(s < 1 for s in steps) or any(not 0 < p <= 1 for p in top_ps) or args.num < 1:
+        raise DdlmError("--gen-steps and --num must be positive and --top-p in (0, 1]")
+    records = evaluate_generation(args.checkpoint, steps=steps, top_ps=top_ps, num=args.num,
+                                  length=args.length or 0, judges=args.judge or [], seed=args.seed,
+                                  prompts=args.conditional, overrides=extra)
+    for record in records:
+        if args.results:
+            append_jsonl(args.results, record)
+        r = record["result"]
+        if args.json:
+            print(json.dumps({k: v for k, v in record.items() if k not in ("config", "environment")}))
+        elif record["kind"] == "conditional":
+            print(f"conditional T={r['steps']}: MAUVE {r['mauve']:.3f} ({r['judge']} features), "
+                  f"gen PPL {r['gen_ppl']:.2f}, {r['bits_per_byte']:.3f} bits/byte "
+                  f"(true continuations {r['reference_gen_ppl']:.2f}, {r['reference_bits_per_byte']:.3f})")
+        else:
+            judged = "".join(f"; {name}: gen PPL {j['gen_ppl']:.2f}, {j['bits_per_byte']:.3f} bits/byte"
+                             for name, j in r["judges"].items())
+            setting = "AR" if record["method"] == "ar" else f"T={r['steps']}"
+            print(f"{setting} top-p {r['top_p']:g}: NFE {r['nfe']:.0f}, {r['seconds_per_sample']:.3f} "
+                  f"s/sample, entropy {r['unigram_entropy']:.3f}, distinct-4 {r['distinct'][4]:.3f}, "
+                  f"repetition {r['repetition']:.3f}{judged}")
     return 0
 
 
@@ -95,6 +143,23 @@ def cmd_sample(args, extra: list[str]) -> int:
             print(f"[judge {j['name']}: gen PPL {j['gen_ppl']:.2f} over {j['tokens']} tokens, "
                   f"{j['bits_per_byte']:.3f} bits per byte]")
     return 0
+
+
+# -- compare --------------------------------------------------------------------------------
+def cmd_compare(args, extra: list[str]) -> int:
+    from ddlm.compare.runner import compare
+
+    if extra:
+        raise_unexpected(extra)
+    out = args.out or f"runs/compare-{Path(args.recipe).stem}"
+    results = compare(args.recipe, out, quiet=args.json)
+    _emit({"out": out, "report": str(Path(out) / "report.md"), "rows": len(results["rows"])}, args.json,
+          f"report: {Path(out) / 'report.md'} ({len(results['rows'])} rows); results: {Path(out) / 'results.json'}")
+    return 0
+
+
+def raise_unexpected(extra: list[str]) -> None:
+    raise DdlmError(f"unexpected argument {extra[0]!r}; the recipe holds every setting")
 
 
 # -- info -----------------------------------------------------------------------------------
@@ -148,6 +213,19 @@ def _eval_args(s):
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
     s.add_argument("--data", help="evaluate on another corpus (default: the run's)")
     s.add_argument("--split", default=None, help="train | valid | test (default valid)")
+    s.add_argument("--results", default=None, help="append the results to FILE.jsonl (with config, "
+                                                   "seed and versions)")
+    g = s.add_argument_group("generation (--generate)")
+    g.add_argument("--generate", action="store_true", help="evaluate samples instead of the likelihood")
+    g.add_argument("--gen-steps", default="8,32,128", help="denoising step counts (default 8,32,128)")
+    g.add_argument("--top-p", default="1.0", help="nucleus masses, e.g. 1.0,0.9 (default 1.0)")
+    g.add_argument("--num", type=int, default=16, help="samples per setting (default 16)")
+    g.add_argument("--length", type=int, default=None, help="tokens per sample (default: context)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--judge", action="append", help="ar:DIR | smollm2 | smollm2:FILE.gguf | hf:DIR "
+                                                     "(repeatable)")
+    g.add_argument("--conditional", type=int, default=0, metavar="N",
+                   help="also continue N held-out test prompts; MAUVE under the first judge")
 
 
 def _sample_args(s):
@@ -167,6 +245,12 @@ def _sample_args(s):
                                                  "(gen PPL, bits per byte)")
 
 
+def _compare_args(s):
+    s.add_argument("recipe", help="comparison recipe (recipes/austen-char.yaml, ...)")
+    s.add_argument("--out", default=None, help="where runs, results and the report go "
+                                               "(default runs/compare-<recipe>; rerun to resume)")
+
+
 def _info_args(s):
     s.add_argument("checkpoint", help="run directory or checkpoint directory")
 
@@ -182,9 +266,11 @@ COMMANDS = [
     ("eval", cmd_eval, "likelihood of a checkpoint: BPC, PPL, tokens (a bound for diffusion methods)"),
     ("sample", cmd_sample, "draw samples from a checkpoint"),
     ("info", cmd_info, "describe a checkpoint"),
+    ("compare", cmd_compare, "train every method of a recipe on the same budget, evaluate all, "
+                             "write report.md, results.json and plots"),
     ("quickstart", cmd_quickstart, "train small AR and MDLM models on Austen, show samples and BPC"),
 ]
-ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "info": _info_args,
+ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "info": _info_args, "compare": _compare_args,
              "quickstart": _quickstart_args}
 
 

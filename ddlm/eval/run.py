@@ -60,3 +60,41 @@ def checkpoint_info(path) -> dict:
             info["valid_bpc"] = round(evals[-1]["val_bpc"], 4)
     info["config"] = run.to_dict()
     return info
+
+
+def evaluate_generation(path, *, steps: list[int], top_ps: list[float], num: int, length: int = 0,
+                        judges: list[str] = (), seed: int = 0, batch_size: int = 16,
+                        prompts: int = 0, prompt_tokens: int = 0, continuation: int = 0,
+                        overrides: list[str] | None = None) -> list[dict]:
+    """`ddlm eval --generate`: one record per (steps, top-p) setting, plus the conditional record
+    when `prompts` > 0 (MAUVE and perplexity under the first judge); each record carries the full
+    config, seed and environment."""
+    from ddlm.eval.judges import load_judge
+    from ddlm.eval.quality import Setting, conditional, held_out_prompts, unconditional
+    from ddlm.eval.records import environment
+
+    _, method_options = split_sections(overrides or [], "eval")
+    loaded = load_for_inference(path, method_options=method_options)
+    loaded_judges = {spec: load_judge(spec) for spec in judges}
+    base = {"checkpoint": str(loaded.path), "step": loaded.step, "method": loaded.run.method,
+            "config": loaded.run.to_dict(), "seed": seed, "environment": environment()}
+    if loaded.run.method == "ar":
+        steps = steps[:1]
+    records = []
+    for n_steps in steps:
+        for top_p in top_ps:
+            row = unconditional(loaded, Setting(n_steps, top_p), loaded_judges, num=num,
+                                length=length or loaded.run.model.max_len, seed=seed, batch_size=batch_size)
+            records.append({**base, "kind": "generation", "result": row})
+    if prompts:
+        if not loaded_judges:
+            raise ConfigError("conditional generation needs a judge (--judge ar:DIR or smollm2) for MAUVE")
+        _, datasets = prepare_data(loaded.run, loaded.tokenizer)
+        seq_len = datasets["test"].seq_len
+        prompt_tokens = prompt_tokens or seq_len // 4  # default: a quarter prompt, the rest continued
+        continuation = continuation or seq_len - prompt_tokens
+        prompt_rows, truths = held_out_prompts(datasets["test"], prompts, prompt_tokens, continuation)
+        row = conditional(loaded, prompt_rows, truths, next(iter(loaded_judges.values())),
+                          setting=Setting(steps[-1], top_ps[0]), seed=seed, batch_size=batch_size)
+        records.append({**base, "kind": "conditional", "result": row})
+    return records
