@@ -113,7 +113,9 @@ def generation_tables(results: dict) -> list[str]:
                              f"{fmt(g['unigram_entropy'])} | {fmt(g['distinct']['4'] if '4' in g['distinct'] else g['distinct'].get(4))} | "
                              f"{fmt(g['repetition'])} | {fmt(g.get('mean_tokens'), 1)} |")
         lines.append("")
-    lines += ["AR draws one token per network call with a KV cache; it has no steps. Tokens kept: "
+    skipped = {r["name"]: r["skipped"][0]["skipped"] for r in results["rows"] if r.get("skipped")}
+    lines += [f"Not run for {name}: {reason}." for name, reason in skipped.items()]
+    lines += ["", "AR draws one token per network call with a KV cache; it has no steps. Tokens kept: "
               "mean tokens per sample before its first EOS (what follows is another document and "
               "is not judged). Entropy is per sample, in nats.", ""]
     return lines

@@ -119,7 +119,9 @@ class Comparison:
                 bar.set_description(f"compare: {stage.label}")
                 result = self.run_stage(stage)
                 slot = results[stage.row.name]
-                if stage.kind == "generation":
+                if stage.kind == "generation" and "skipped" in result:
+                    slot.setdefault("skipped", []).append(result)
+                elif stage.kind == "generation":
                     slot["generation"].append(result)
                 else:
                     slot[stage.kind] = result
@@ -193,8 +195,14 @@ class Comparison:
         spec, loaded = stage.spec, self.loaded(stage.row)
         judges = {name: self.judge(name) for name in spec["judges"]}
         length = spec["length"] or loaded.run.model.max_len
-        return unconditional(loaded, Setting(spec["steps"], spec["top_p"]), judges, num=spec["num"],
-                             length=length, seed=spec["seed"], batch_size=spec["batch_size"])
+        setting = Setting(spec["steps"], spec["top_p"])
+        try:
+            return unconditional(loaded, setting, judges, num=spec["num"], length=length, seed=spec["seed"],
+                                 batch_size=spec["batch_size"])
+        except ConfigError as err:
+            if spec["top_p"] >= 1:
+                raise
+            return {"steps": spec["steps"], "top_p": spec["top_p"], "skipped": str(err)}  # e.g. SEDD
 
     def conditional(self, stage: Stage) -> dict:
         from ddlm.build import prepare_data
