@@ -9,7 +9,7 @@ import torch
 
 from ddlm import runtime
 from ddlm.checkpoint import load_checkpoint, weights_misfit
-from ddlm.config import RunConfig, make_config
+from ddlm.config import ModelConfig, RunConfig, make_config
 from ddlm.data import BlockDataset, Tokenizer, build_datasets, build_tokenizer, load_corpus, tokenizer_from_dict
 from ddlm.errors import CheckpointError, ConfigError
 from ddlm.methods.base import Method, method_class, method_names
@@ -41,6 +41,27 @@ def complete_model_config(run: RunConfig, method: Method, vocab_size: int) -> Ru
     return dataclasses.replace(run, model=model)
 
 
+def estimated_bytes(model: ModelConfig, *, training: bool) -> int:
+    """Memory the weights need in float32: per block attention 4 D^2 and MLP 2 r D^2, the
+    adaLN modulation 6 D C, the embedding and head 2 V D; training adds gradients, two AdamW
+    moments and the EMA (5x)."""
+    d, hidden = model.dim, int(model.mlp_ratio * model.dim)
+    per_block = 4 * d * d + 2 * d * hidden + 6 * d * model.cond_dim
+    params = model.n_layers * per_block + 2 * max(model.vocab_size, 1) * d
+    return params * 4 * (5 if training else 1)
+
+
+def check_memory(model: ModelConfig, *, training: bool) -> None:
+    """Refuse, before allocating, a model whose weights (and optimizer state) exceed the machine's
+    memory, with the estimate in the message."""
+    need = estimated_bytes(model, training=training)
+    have = runtime.memory_bytes()
+    if have and need > have:
+        raise ConfigError(f"model d={model.dim} layers={model.n_layers} vocab={model.vocab_size} needs about "
+                          f"{need / 2**30:,.1f} GiB for its weights{' and optimizer state' if training else ''}; "
+                          f"this machine has {have / 2**30:,.1f} GiB")
+
+
 @dataclass
 class Loaded:
     """A model ready for evaluation or sampling."""
@@ -65,6 +86,7 @@ def load_for_inference(path: str | Path, device: torch.device | None = None, *,
     if run.model.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"checkpoint '{ckpt.path}' has model vocab {run.model.vocab_size} but its "
                               f"tokenizer has {tokenizer.vocab_size}")
+    check_memory(run.model, training=False)
     method = build_method(run, tokenizer)
     method.load_parts(load_for_inference, tokenizer)
     model = method.build_model(run.model)

@@ -1,6 +1,7 @@
 """Checkpoint directories, written atomically.
 
     OUT/checkpoints/step_000500/   config.json  model.safetensors  tokenizer.json  trainer_state.pt
+                                   manifest.json (size and SHA-256 of every other file)
     OUT/latest                     text file naming the newest complete checkpoint
 
 Reading and writing live here, outside the trainer, so that loading for inference never touches
@@ -10,11 +11,13 @@ refuses any pickled object other than tensors and plain containers.
 
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then is
 `latest` replaced (write + os.replace), so an interruption at any moment leaves the previous
-checkpoint intact. `model.safetensors` holds the weights for inference (the EMA when enabled);
+checkpoint intact. Every file is checked against the manifest when it is read, so a damaged or
+swapped file is named, never loaded. `model.safetensors` holds the weights for inference (the EMA when enabled);
 `trainer_state.pt` holds everything exact resume needs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -27,9 +30,42 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddlm.config import RunConfig
-from ddlm.errors import CheckpointError
+from ddlm.errors import CheckpointError, ConfigError
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(ckpt: Path) -> None:
+    files = sorted(f for f in ckpt.iterdir() if f.is_file() and f.name != MANIFEST)
+    entries = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    (ckpt / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
+
+
+def verify_file(ckpt: Path, name: str) -> None:
+    """Check one file of a checkpoint against its manifest (checkpoints written before manifests
+    existed are read as they are): a wrong size or checksum is one line naming the file."""
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return
+    entry = _read_json(manifest).get("files", {}).get(name)
+    path = ckpt / name
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"'{path}' is not listed in '{manifest}'; the checkpoint is not one ddlm wrote")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise CheckpointError(f"'{path}' has {size} bytes but its manifest says {entry.get('bytes')}; "
+                              f"the file is truncated or replaced")
+    if _sha256(path) != entry.get("sha256"):
+        raise CheckpointError(f"'{path}' does not match the checksum in its manifest; the file is corrupt or replaced")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -56,29 +92,68 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
                     weights: dict[str, torch.Tensor], trainer_state: dict | None,
                     keep: int = 2) -> Path:
     """Write checkpoint `step` atomically and point OUT/latest at it; prune to `keep` newest."""
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"not saving step {step}: weight {bad} is not finite; the previous "
+                              f"checkpoint is kept")
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / "config.json").write_text(config.to_json())
-    (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_dict))
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
-              metadata={"step": str(step)})
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer_state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_text(Path(out_dir) / "latest", f"checkpoints/{final.name}\n")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        (tmp / "config.json").write_text(config.to_json())
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_dict))
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
+                  metadata={"step": str(step)})
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer_state.pt")
+        write_manifest(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_text(Path(out_dir) / "latest", f"checkpoints/{final.name}\n")
+    except (OSError, RuntimeError) as err:  # disk full, read-only directory, a failing writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = _latest_text(Path(out_dir))
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:120]
+        raise CheckpointError(f"could not write checkpoint step {step} under '{root}' ({reason}); "
+                              + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
+                              ) from None
     _prune(root, keep, final)
     return final
+
+
+def _latest_text(out_dir: Path) -> str | None:
+    try:
+        return (out_dir / "latest").read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Temporary checkpoint directories left by a crashed writer (its pid no longer runs)."""
+    for tmp in root.glob(".tmp_step_*"):
+        pid = tmp.name.rsplit("_", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
@@ -97,7 +172,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / "latest"
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        try:
+            name = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            raise CheckpointError(f"'{latest}' is not a text file naming a checkpoint") from None
+        target = path / name
+        inside = (path / "checkpoints").resolve()
+        if not name or target.resolve().parent != inside:
+            raise CheckpointError(f"'{latest}' must name a checkpoint under '{path / 'checkpoints'}', "
+                                  f"not {name[:80]!r}")
         if (target / "config.json").is_file():
             return target
         raise CheckpointError(f"'{latest}' points to '{target}', which is not a checkpoint")
@@ -119,13 +202,18 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for name in FILES:
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint '{ckpt}' is incomplete: {name} is missing")
-    config = RunConfig.from_dict(upgrade_config(_read_json(ckpt / "config.json")))
+        verify_file(ckpt, name)
+    try:
+        config = RunConfig.from_dict(upgrade_config(_read_json(ckpt / "config.json")))
+    except ConfigError as err:
+        raise CheckpointError(f"'{ckpt / 'config.json'}' is not a valid run config: {err}") from None
     tokenizer_dict = _read_json(ckpt / "tokenizer.json")
     try:
         weights = load_file(ckpt / "model.safetensors")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint '{ckpt}/model.safetensors' is corrupt or truncated "
                               f"({str(err).splitlines()[0][:120]})") from None
+    check_weights(weights, ckpt / "model.safetensors")
     step = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else 0
     return Checkpoint(ckpt, config, tokenizer_dict, weights, step)
 
@@ -134,6 +222,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 MOVED_TO_SAMPLE = (("mdlm", "sampler", "sampler"), ("mdlm", "t_min", "t_min"),
                    ("mdlm", "noise_removal", "noise_removal"), ("sedd", "predictor", "sampler"),
                    ("sedd", "t_min", "t_min"))
+
+
+def check_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Floating-point weights must be finite: a NaN or inf weight would only produce numbers that
+    look real. (Their dtype is checked against the model's in `weights_misfit`.)"""
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"'{path}': tensor {name} holds NaN or inf values")
 
 
 def upgrade_config(d: dict) -> dict:
@@ -169,6 +265,7 @@ def load_trainer_state(ckpt: Path) -> dict:
     path = Path(ckpt) / "trainer_state.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{ckpt}' has no trainer_state.pt; it cannot be resumed")
+    verify_file(Path(ckpt), "trainer_state.pt")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -187,6 +284,9 @@ def weights_misfit(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
         if name in own and own[name].shape != tensor.shape:
             return (f"tensor {name} has shape {tuple(tensor.shape)} in the checkpoint but "
                     f"{tuple(own[name].shape)} in the model")
+        if name in own and own[name].is_floating_point() != tensor.is_floating_point():
+            return (f"tensor {name} has dtype {str(tensor.dtype).replace('torch.', '')} in the checkpoint "
+                    f"but {str(own[name].dtype).replace('torch.', '')} in the model")
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # anything else load_state_dict refuses

@@ -52,7 +52,7 @@ def cmd_train(args, extra: list[str]) -> int:
     _emit(payload, args.json, f"{state} step {result.step}: {score} "
                               f"({result.tokens_per_second:,.0f} tok/s, {result.dtype}); "
                               f"checkpoint {result.checkpoint}")
-    return 0
+    return 130 if result.interrupted else 0  # an interrupted run is not a finished one
 
 
 # -- eval -----------------------------------------------------------------------------------
@@ -119,15 +119,20 @@ def eval_generation(args, extra: list[str]) -> int:
 def cmd_sample(args, extra: list[str]) -> int:
     from ddlm.sampling.run import sample_checkpoint
 
+    for flag, value in (("--num", args.num), ("--length", args.length)):
+        if value is not None and value < 1:
+            raise DdlmError(f"{flag} {value} must be at least 1")
     overrides = {"num": args.num, "length": args.length, "seed": args.seed, "steps": args.steps,
                  "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                  "sampler": args.sampler, "cache": None if not args.no_cache else False}
+    if args.out:
+        check_writable_file(args.out)
     result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra,
                                judge=args.judge)
     if args.out:
-        with open(args.out, "w") as f:
-            for i, text in enumerate(result["texts"]):
-                f.write(json.dumps({"index": i, "text": text, "tokens": result["tokens"][i]}) + "\n")
+        lines = [json.dumps({"index": i, "text": text, "tokens": result["tokens"][i]}) + "\n"
+                 for i, text in enumerate(result["texts"])]
+        write_atomically(args.out, "".join(lines))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "tokens"}))
     else:
@@ -162,6 +167,33 @@ def raise_unexpected(extra: list[str]) -> None:
     raise DdlmError(f"unexpected argument {extra[0]!r}; the recipe holds every setting")
 
 
+def check_writable_file(path: str) -> None:
+    """--out must name a file in an existing directory (checked before any work is done)."""
+    target = Path(path)
+    if target.is_dir():
+        raise DdlmError(f"--out '{path}' is a directory; name a file such as samples.jsonl")
+    if not target.parent.is_dir():
+        raise DdlmError(f"--out '{path}': directory '{target.parent}' does not exist")
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write a temporary file beside `path`, then rename it over `path`: a kill or a full disk
+    leaves the old file whole."""
+    import os
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DdlmError(f"could not write '{path}' ({err.strerror}); an earlier file there is unchanged") from None
+
+
 # -- info -----------------------------------------------------------------------------------
 def cmd_info(args, extra: list[str]) -> int:
     from ddlm.eval.run import checkpoint_info
@@ -184,11 +216,19 @@ def cmd_quickstart(args, extra: list[str]) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`ddlm: error: ...`, exit 2) instead of usage + error."""
+
+    def error(self, message: str):
+        raise DdlmError(f"{message} (see ddlm {self.prog.split()[-1] if ' ' in self.prog else ''} --help)"
+                        .replace("  ", " ").replace("ddlm  --help", "ddlm --help"))
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddlm", description="Discrete diffusion language models beside "
+    p = Parser(prog="ddlm", description="Discrete diffusion language models beside "
                                 "an autoregressive baseline: train, evaluate, sample, compare.",
                                 epilog=OVERRIDE_HELP)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, func, help_text in COMMANDS:
         s = sub.add_parser(name, help=help_text, description=help_text, epilog=OVERRIDE_HELP)
         s.set_defaults(func=func)
@@ -276,11 +316,11 @@ ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return 0
     try:
+        args, extra = parser.parse_known_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return 0
         return args.func(args, extra)
     except DdlmError as err:
         print(f"ddlm: error: {err}", file=sys.stderr)

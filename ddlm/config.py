@@ -142,9 +142,15 @@ class TrainConfig:
     """torch intra-op threads (0: all cores)."""
     progress: bool = True
     """Show a progress bar."""
+    max_nonfinite: int = 5
+    """Steps with a NaN/inf loss or gradient are skipped (counted in metrics.jsonl); this many in
+    a row stop the run."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"train.steps={self.steps} must be >= 1")
+        _check(self.threads >= 0, f"train.threads={self.threads} must be >= 0 (0: all cores)")
+        _check(self.seed >= 0, f"train.seed={self.seed} must be >= 0")
+        _check(self.max_nonfinite >= 1, f"train.max_nonfinite={self.max_nonfinite} must be >= 1")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
         _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
         _check(self.lr > 0, f"train.lr={self.lr} must be positive")
@@ -180,6 +186,11 @@ class EvalConfig:
                f"eval.split={self.split!r} must be train, valid or test")
         _check(self.batch_size >= 1 and self.t_samples >= 1 and self.max_batches >= 0,
                "eval.batch_size and eval.t_samples must be >= 1, eval.max_batches >= 0")
+
+
+MAX_SAMPLES = 1_000_000  # bounds checked up front, so a typo cannot hang a run for days
+MAX_SAMPLE_TOKENS = 1_000_000
+MAX_SAMPLE_STEPS = 100_000
 
 
 @dataclass
@@ -223,9 +234,11 @@ class SampleConfig:
     """Tokens the entropy stop looks at."""
 
     def __post_init__(self) -> None:
-        _check(self.num >= 1, f"sample.num={self.num} must be >= 1")
-        _check(self.length >= 0, f"sample.length={self.length} must be >= 0")
-        _check(self.steps >= 1, f"sample.steps={self.steps} must be >= 1")
+        _check(1 <= self.num <= MAX_SAMPLES, f"sample.num={self.num} must be in 1..{MAX_SAMPLES:,}")
+        _check(0 <= self.length <= MAX_SAMPLE_TOKENS,
+               f"sample.length={self.length} must be in 0..{MAX_SAMPLE_TOKENS:,} (0: the context)")
+        _check(1 <= self.steps <= MAX_SAMPLE_STEPS, f"sample.steps={self.steps} must be in 1..{MAX_SAMPLE_STEPS:,}")
+        _check(self.seed >= 0, f"sample.seed={self.seed} must be >= 0")
         _check(self.temperature > 0, f"sample.temperature={self.temperature} must be positive")
         _check(self.top_k >= 0, f"sample.top_k={self.top_k} must be >= 0")
         _check(0 < self.top_p <= 1, f"sample.top_p={self.top_p} must be in (0, 1]")

@@ -95,6 +95,14 @@ def _probe_key(dev: torch.device) -> str:
     return f"{dev.type}|{name}|{cpu_model()}|torch{torch.__version__}|threads{torch.get_num_threads()}"
 
 
+def memory_bytes() -> int:
+    """Physical memory of this machine (0 when unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -76,9 +76,11 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ck, "save_file", failing)
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="could not write checkpoint step 4 .*disk full.*"
+                                              "checkpoints/step_0000002 is intact"):
         train(run, tmp_path, quiet=True)
     assert (tmp_path / "latest").read_text().strip() == "checkpoints/step_0000002"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))  # the half-written directory is gone
     assert load_for_inference(tmp_path).step == 2
 
 
@@ -160,6 +162,11 @@ def test_crafted_trainer_state_is_refused_and_not_executed(tmp_path):
 
     torch.save({"step": 2, "model": Payload()}, ckpt / "trainer_state.pt")
     more = make_config(base={**TINY, "method": "ar"}, overrides={"train.steps": "4"})
+    with pytest.raises(CheckpointError, match="trainer_state.pt' does not match the checksum"):
+        train(more, tmp_path / "run", quiet=True)  # the manifest catches the swapped file first
+    from ddlm.checkpoint import write_manifest
+
+    write_manifest(ckpt)  # an attacker who rewrites the manifest too still meets weights_only=True
     with pytest.raises(CheckpointError, match="refused"):
         train(more, tmp_path / "run", quiet=True)
     assert not marker.exists()

@@ -1,7 +1,6 @@
 """Plots of run directories: validation BPC against training steps, one line per run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ddlm.errors import DataError
@@ -16,8 +15,9 @@ def validation_curve(run_dir: str | Path) -> tuple[list[int], list[float], list[
     if not path.is_file():
         raise DataError(f"'{run_dir}' has no metrics.jsonl")
     points: dict[int, tuple[float, float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    from ddlm.eval.records import read_jsonl
+
+    for row in read_jsonl(path):  # a torn last line (a kill mid-write) is skipped
         if row.get("split") == "valid" and "val_bpc" in row:
             points[int(row["step"])] = (float(row["val_bpc"]), float(row.get("val_bpc_stderr", 0.0)))
     if not points:

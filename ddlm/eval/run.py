@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from ddlm import runtime
 from ddlm.build import load_for_inference, prepare_data
@@ -54,7 +53,9 @@ def checkpoint_info(path) -> dict:
             "corpus": run.data.corpus}
     metrics = loaded.path.parent.parent / "metrics.jsonl"
     if metrics.is_file():
-        evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"val_bpc"' in line]
+        from ddlm.eval.records import read_jsonl
+
+        evals = [row for row in read_jsonl(metrics) if "val_bpc" in row]
         evals = [e for e in evals if e["step"] <= loaded.step]
         if evals:
             info["valid_bpc"] = round(evals[-1]["val_bpc"], 4)

@@ -32,6 +32,10 @@ def sample_checkpoint(path, *, prompt: str | None = None, options: dict | None =
     context = loaded.run.model.max_len
     if cfg.stride > context:
         raise ConfigError(f"sample.stride={cfg.stride} is longer than the model's context of {context} tokens")
+    if cfg.top_k > loaded.tokenizer.vocab_size:
+        raise ConfigError(f"top-k {cfg.top_k} is larger than the vocabulary ({loaded.tokenizer.vocab_size} ids)")
+    if prompt is not None and not prompt.strip():
+        raise DataError("--prompt is empty; leave it out to sample from nothing")
     prompt_ids = encode_prompt(loaded.tokenizer, prompt, context) if prompt else None
     length = cfg.length or context - (0 if prompt_ids is None else len(prompt_ids))
     sampler = loaded.method.sampler(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -18,15 +19,17 @@ from pathlib import Path
 import torch
 
 from ddlm import runtime
-from ddlm.build import build_method, complete_model_config, prepare_data
+from ddlm.build import build_method, check_memory, complete_model_config, prepare_data
 from ddlm.checkpoint import (load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint,
                              weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError
 from ddlm.eval.likelihood import evaluate_likelihood
+from ddlm.eval.records import read_jsonl
 from ddlm.progress import progress_bar
 from ddlm.train.ema import EMA
+from ddlm.train.lock import RunLock
 from ddlm.train.optim import build_optimizer, lr_at, set_lr
 
 # Options that may change between a run and its resumption without making it a different run.
@@ -80,6 +83,13 @@ class Trainer:
                  quiet: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.quiet = quiet
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ConfigError(f"--out '{self.out_dir}' is a file, not a run directory")
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"cannot create run directory '{self.out_dir}': {err.strerror}") from None
+        self.lock = RunLock(self.out_dir).acquire()
         previous = self._previous_checkpoint(run, overwrite)
         cfg = run.train
         runtime.set_threads(cfg.threads)
@@ -91,6 +101,7 @@ class Trainer:
         self.tokenizer, self.datasets = prepare_data(run, tokenizer)
         self.method = build_method(run, self.tokenizer)
         self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
+        check_memory(self.run.model, training=True)
         self.model = self.method.build_model(self.run.model).to(self.device)
         if cfg.init and previous is None:
             self._initialise_from(cfg.init)
@@ -106,6 +117,7 @@ class Trainer:
                             f"train.batch_size={cfg.batch_size}; use a larger corpus or smaller batch")
         self.step = 0
         self.resumed_from = 0
+        self.nonfinite_steps = 0
         if previous is not None:
             self._restore(previous)
         self.stop_requested = False
@@ -156,9 +168,10 @@ class Trainer:
         path = self.out_dir / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]  # a torn last line is dropped
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+        os.replace(tmp, path)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> TrainResult:
@@ -173,6 +186,7 @@ class Trainer:
         start = time.perf_counter()
         start_step = self.step
         checkpoint = resolve_checkpoint(self.out_dir) if self.step >= cfg.steps else None
+        bad_in_row = 0
         try:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
@@ -180,8 +194,20 @@ class Trainer:
                 self.step += 1
                 losses.append(loss)
                 rate = tokens_per_step / (time.perf_counter() - t0)
-                if not math.isfinite(loss):
-                    raise DataError(f"loss became {loss} at step {self.step}; lower train.lr or check the data")
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    bad_in_row += 1
+                    self.nonfinite_steps += 1
+                    self._log({"step": self.step, "skipped": "nonfinite", "loss": str(loss),
+                               "grad_norm": str(grad_norm), "nonfinite_steps": self.nonfinite_steps})
+                    if bad_in_row >= cfg.max_nonfinite:
+                        kept = _latest_name(self.out_dir)
+                        raise DataError(f"loss or gradients were not finite for {bad_in_row} steps in a row "
+                                        f"(up to step {self.step}); stopped, "
+                                        + (f"{kept} keeps the last good weights" if kept else "nothing was saved")
+                                        + "; lower train.lr or check the data")
+                    bar.update(1)
+                    continue
+                bad_in_row = 0
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                "tokens_per_s": rate, "tokens": self.step * tokens_per_step})
@@ -200,6 +226,7 @@ class Trainer:
         finally:
             bar.close()
             self._restore_signal_handlers(handlers)
+            self.lock.release()
         seconds = time.perf_counter() - start
         done = self.step - start_step
         return TrainResult(self.out_dir, self.step, checkpoint, self.step < cfg.steps,
@@ -221,10 +248,12 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             total += out.loss.item()
         params = [p for p in self.model.parameters() if p.grad is not None]  # trainable only
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # skip: the weights and optimizer state stay good
+            return total / cfg.grad_accum, grad_norm, lr
         if cfg.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -331,3 +360,10 @@ class Trainer:
     def _restore_signal_handlers(saved: dict) -> None:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def _latest_name(out_dir: Path) -> str | None:
+    try:
+        return (out_dir / "latest").read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,126 @@
+"""`ddlm compare`: a tiny recipe (two methods, a few steps) runs end to end, its report holds both
+rows, and a rerun reuses the trained runs and the finished evaluations."""
+import json
+
+import pytest
+
+from ddlm.cli import main
+from ddlm.compare import runner
+from ddlm.compare.recipe import parse_recipe
+from ddlm.errors import ConfigError
+
+TINY = """
+name: tiny
+description: two methods, a few steps
+base:
+  data: {seq_len: 16}
+  model: {dim: 32, n_layers: 1, n_heads: 2}
+  train: {steps: 4, batch_size: 4, eval_every: 2, eval_batches: 1, ckpt_every: 2, threads: 1, progress: false}
+rows:
+  - {name: ar, method: ar}
+  - {name: mdlm, method: mdlm, note: "the diffusion row"}
+evaluate:
+  likelihood: {split: test, max_batches: 2}
+  generation: {steps: [2, 8], top_p: [1.0, 0.9], num: 3, length: 16, batch_size: 2, judges: [ar]}
+  conditional: {prompts: 6, prompt_tokens: 4, length: 8, steps: 4, judge: ar}
+"""
+
+
+@pytest.fixture()
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY)
+    return recipe, tmp_path / "out"
+
+
+def test_tiny_recipe_runs_end_to_end_and_a_rerun_reuses_everything(tiny, monkeypatch, capsys):
+    recipe, out = tiny
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]] == ["ar", "mdlm"]
+    ar, mdlm = results["rows"]
+    assert ar["likelihood"]["exact"] and not mdlm["likelihood"]["exact"]
+    assert len(ar["generation"]) == 2  # AR has no steps: one setting per top-p
+    assert [(g["steps"], g["top_p"]) for g in mdlm["generation"]] == [(2, 1.0), (2, 0.9), (8, 1.0), (8, 0.9)]
+    assert mdlm["generation"][0]["nfe"] <= 2 and mdlm["generation"][2]["nfe"] > 2
+    assert 0 < mdlm["conditional"]["mauve"] <= 1 and mdlm["conditional"]["prompts"] == 6
+    judged = mdlm["generation"][0]["judges"]["ar"]
+    assert judged["tokens"] > 0 and judged["gen_ppl"] > 1
+    report = (out / "report.md").read_text()
+    for needle in ("| ar |", "| mdlm |", "## Likelihood", "## Conditional generation",
+                   "the diffusion row", "BPC ar < mdlm", "![bpc](bpc.png)"):
+        assert needle in report, needle
+    for plot in ("bpc", "genppl_vs_nfe", "genppl_vs_seconds", "entropy_vs_steps", "validation"):
+        assert (out / f"{plot}.png").stat().st_size > 1000, plot
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * (1 + 2 + 1) + 2  # likelihood, generation settings, conditional
+    assert all({"config", "environment", "spec"} <= set(r) for r in records)
+    assert records[0]["environment"]["torch"] and records[0]["config"]["model"]["dim"] == 32
+
+    # A rerun trains nothing and evaluates nothing: the checkpoints and stage files stay as they are.
+    checkpoints = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
+    stages = {p: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
+    for stage in ("likelihood", "generation", "conditional"):
+        monkeypatch.setattr(runner.Comparison, stage, lambda self, s: pytest.fail(f"redid {s.label}"))
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == checkpoints
+    assert {p: p.stat().st_mtime_ns for p in (out / "stages").iterdir()} == stages
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_an_interrupted_compare_redoes_only_the_missing_stage(tiny, monkeypatch):
+    recipe, out = tiny
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    lost = sorted((out / "stages").glob("generation-mdlm-*.json"))[0]
+    kept = json.loads(lost.read_text())["result"]
+    lost.unlink()
+    redone = []
+    original = runner.Comparison.generation
+    monkeypatch.setattr(runner.Comparison, "generation",
+                        lambda self, s: redone.append(s.label) or original(self, s))
+    monkeypatch.setattr(runner.Comparison, "likelihood", lambda self, s: pytest.fail("redid likelihood"))
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    assert len(redone) == 1 and redone[0].startswith("generation mdlm")
+    again = json.loads(lost.read_text())["result"]
+    assert again["judges"]["ar"]["nll"] == pytest.approx(kept["judges"]["ar"]["nll"])  # same seed, same draw
+
+
+def test_a_changed_setting_is_evaluated_anew(tiny, monkeypatch):
+    recipe, out = tiny
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    recipe.write_text(TINY.replace("num: 3", "num: 4"))
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert all(g["num"] == 4 for r in rows for g in r["generation"])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rows": []}, "needs a list of rows"),
+    ({"rows": [{"name": "x", "method": "nope"}]}, "unknown method 'nope'"),
+    ({"rows": [{"name": "x"}]}, "needs either method"),
+    ({"rows": [{"name": "x", "method": "ar"}, {"name": "x", "method": "mdlm"}]}, "appears twice"),
+    ({"rows": [{"name": "e", "sample_of": "missing"}]}, "not a trained row"),
+    ({"rows": [{"name": "a", "method": "ar", "colour": 1}]}, "unknown key rows[0].colour"),
+    ({"rows": [{"name": "a", "method": "ar"}], "evaluate": {"generation": {"judges": ["gpt9"]}}},
+     "judge 'gpt9'"),
+    ({"rows": [{"name": "a", "method": "ar"}], "evaluate": {"generation": {"num": "many"}}},
+     "evaluate.generation.num='many' is not an integer"),
+    ({"rows": [{"name": "a", "method": "ar"}], "evaluation": {}}, "unknown recipe key 'evaluation'"),
+])
+def test_bad_recipes_get_one_line(change, message):
+    data = {"name": "bad", **change}
+    with pytest.raises(ConfigError) as err:
+        parse_recipe(data, "bad.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_compare_refuses_a_missing_recipe_and_a_file_as_out(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "none.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(TINY)
+    (tmp_path / "file").write_text("x")
+    assert main(["compare", str(recipe), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
