@@ -220,8 +220,7 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`ddlm: error: ...`, exit 2) instead of usage + error."""
 
     def error(self, message: str):
-        raise DdlmError(f"{message} (see ddlm {self.prog.split()[-1] if ' ' in self.prog else ''} --help)"
-                        .replace("  ", " ").replace("ddlm  --help", "ddlm --help"))
+        raise DdlmError(f"{message} (see {self.prog} --help)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,7 +2,12 @@
 
 
 class DdlmError(Exception):
-    """Base error: the CLI prints `ddlm: error: <message>` and exits with status 2."""
+    """Base error: the CLI prints `ddlm: error: <message>` and exits with status 2. The message
+    stays one line even when it quotes input that holds line breaks (they are shown escaped)."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class ConfigError(DdlmError):

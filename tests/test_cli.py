@@ -97,6 +97,10 @@ def test_checkpoint_of_another_vocab(trained, tmp_path, capsys):
     from ddlm.data import ByteTokenizer
 
     (latest / "tokenizer.json").write_text(json.dumps(ByteTokenizer().to_dict()))
+    assert "tokenizer.json' has" in _error(["eval", str(copy)], capsys)  # the manifest notices first
+    from ddlm.checkpoint import write_manifest
+
+    write_manifest(latest)  # a self-consistent checkpoint whose tokenizer is another vocabulary's
     assert "vocab" in _error(["eval", str(copy)], capsys)
 
 

@@ -115,6 +115,9 @@ def generation_tables(results: dict) -> list[str]:
         lines.append("")
     skipped = {r["name"]: r["skipped"][0]["skipped"] for r in results["rows"] if r.get("skipped")}
     lines += [f"Not run for {name}: {reason}." for name, reason in skipped.items()]
+    if any(kind(r).startswith("bd3") for r in results["rows"]):
+        lines += ["", "BD3 rows: T is the number of denoising steps inside each block (as in the public code), "
+                      "so their NFE grows with the number of blocks; compare rows by NFE and seconds."]
     lines += ["", "AR draws one token per network call with a KV cache; it has no steps. Tokens kept: "
               "mean tokens per sample before its first EOS (what follows is another document and "
               "is not judged). Entropy is per sample, in nats.", ""]
@@ -156,8 +159,8 @@ def checks(results: dict) -> list[str]:
     for (a, x), (b, y) in zip(measured, measured[1:]):
         if {a, b} == {"mdlm", "sedd-absorbing"}:
             se = max((by_kind[k]["likelihood"]["bpc_stderr"] for k in (a, b)), default=0)
-            lines.append(f"- BPC {a} ≈ {b}: {fmt(x)} vs {fmt(y)} (difference {fmt(abs(x - y))}, "
-                         f"s.e. {fmt(se)}): {_verdict(abs(x - y) <= max(0.05 * y, 3 * se))}")
+            lines.append(f"- BPC {a} ≈ {b} (within 5% or 3 s.e.): {fmt(x)} vs {fmt(y)} (difference "
+                         f"{fmt(abs(x - y))}, s.e. {fmt(se)}): {_verdict(abs(x - y) <= max(0.05 * y, 3 * se))}")
         else:
             lines.append(f"- BPC {a} < {b}: {fmt(x)} vs {fmt(y)}: {_verdict(x < y)}")
     judge = first_judge(results)
@@ -265,36 +268,42 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                                   ("seconds_per_sample", "seconds per sample (log)", "genppl_vs_seconds")):
             paths.append(_quality_plot(results, judge, key, xlabel, out / f"{name}.png", plt))
         paths.append(_entropy_plot(results, out / "entropy_vs_steps.png", plt))
-    curves = {r["name"]: Path(out) / "runs" / r["name"] for r in results["rows"]
-              if r["config"]["method"] == r["method"] and (Path(out) / "runs" / r["name"] / "metrics.jsonl").is_file()}
-    if curves:
-        from ddlm.eval.plots import plot_validation_curves
+    from ddlm.errors import DataError
+    from ddlm.eval.plots import plot_validation_curves, validation_curve
 
+    curves = {}
+    for row in results["rows"]:
+        run_dir = Path(out) / "runs" / row["name"]
         try:
-            paths.append(plot_validation_curves(curves, out / "validation.png",
-                                                title=f"{results['recipe']}: validation during training"))
-        except Exception:  # a run without validation rows: no curve plot
-            pass
+            validation_curve(run_dir)
+        except DataError:  # not trained here, or validated by its loss (no BPC)
+            continue
+        curves[row["name"]] = run_dir
+    if curves:
+        paths.append(plot_validation_curves(curves, out / "validation.png",
+                                            title=f"{results['recipe']}: validation during training"))
     return paths
 
 
 def _quality_plot(results, judge, key, xlabel, path, plt):
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for i, row in enumerate(results["rows"]):
-        color = f"C{i % 10}"
-        for top_p, style in ((1.0, "-"), (None, "--")):
-            pts = sorted((g[key], g["judges"][judge]["gen_ppl"]) for g in row["generation"]
-                         if (g["top_p"] == 1.0) == (top_p == 1.0))
-            if pts:
-                label = row["name"] + ("" if top_p == 1.0 else " (top-p)")
-                ax.plot(*zip(*pts), style, marker="o", markersize=3, color=color, label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"gen PPL under {judge} (log)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title(f"{results['recipe']}: quality against cost", fontsize=10)
+    """Gen PPL (left) and bits per byte (right) under `judge` against cost; dashed: top-p."""
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=120)
+    for metric, ax in zip(("gen_ppl", "bits_per_byte"), axes):
+        for i, row in enumerate(results["rows"]):
+            for nucleus, style in ((False, "-"), (True, "--")):
+                pts = sorted((g[key], g["judges"][judge][metric]) for g in row["generation"]
+                             if (g["top_p"] < 1.0) == nucleus)
+                if pts:
+                    label = row["name"] + (" (top-p)" if nucleus else "")
+                    ax.plot(*zip(*pts), style, marker="o", markersize=3, color=f"C{i % 10}", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel(f"gen PPL under {judge} (log)")
+    axes[1].set_ylabel(f"{judge} bits per byte of the text")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{results['recipe']}: quality against cost (lower is better)", fontsize=10)
     return _save(fig, path, plt)
 
 
