@@ -99,7 +99,9 @@ TEXTS = ["it is a truth universally acknowledged,", "emma", "a", "mr. knightley 
 
 @pytest.mark.parametrize("batch", [16, 2])
 def test_hf_logits_many_equals_one_row_at_a_time(tiny_hf, batch):
-    """Right padding of a batch does not change the logits at any real position."""
+    """Right padding of a batch does not change the logits at any real position. (A causal model's
+    real positions never attend to right padding, so this holds with or without the attention
+    mask; left padding or a wrong slice breaks it.)"""
     judge, model = tiny_hf.judge, tiny_hf.model
     rows = rows_of(judge, TEXTS)
     many = judge.logits_many(rows, batch=batch)

