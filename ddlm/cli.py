@@ -70,6 +70,8 @@ def cmd_eval(args, extra: list[str]) -> int:
         from ddlm.eval.records import append_jsonl, environment
 
         append_jsonl(args.results, {"kind": "likelihood", "result": result, "environment": environment()})
+    if result.get("warning"):
+        print(f"ddlm: warning: {result['warning']}", file=sys.stderr)
     _emit(result, args.json, text)
     return 0
 

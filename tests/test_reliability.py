@@ -369,3 +369,21 @@ def test_same_seed_same_samples_and_same_loss_curve(tmp_path):
     assert first["tokens"] == second["tokens"]
     other = sample_checkpoint(tmp_path / "a", options={"num": 3, "length": 16, "seed": 8})
     assert other["tokens"] != first["tokens"]
+
+
+def test_zero_shot_on_another_script_says_so(tmp_path, capsys):
+    english = tmp_path / "en.txt"
+    english.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    greek = tmp_path / "el.txt"
+    greek.write_text("η γρήγορη καφέ αλεπού πηδά πάνω από τον τεμπέλη σκύλο\n" * 400)
+    args = ["--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=16",
+            "--train.batch_size=4", "--train.eval_every=0", "--train.progress=false", "--json"]
+    assert main(["train", "--method", "ar", "--data", str(english), "--tokenizer", "byte",
+                 "--out", str(tmp_path / "run"), "--steps", "2", *args]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(greek), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "scripts absent from the training corpus" in err and "warning" in json.loads(out)
+    assert main(["eval", str(tmp_path / "run"), "--data", str(english), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning" not in err and "warning" not in json.loads(out)

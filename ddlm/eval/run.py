@@ -24,7 +24,9 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
     run = loaded.run
     if not loaded.method.has_likelihood:
         raise ConfigError(f"no likelihood for method {run.method!r}: it defines no bound to evaluate")
+    warning = None
     if data:
+        warning = unseen_script_warning(run, data, split or "valid")
         run = dataclasses.replace(run, data=dataclasses.replace(run.data, corpus=data))
     cfg = section_config(run.eval, "eval", {"split": split}, eval_args)
     _, datasets = prepare_data(run, loaded.tokenizer)
@@ -35,9 +37,39 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
     result = evaluate_likelihood(loaded.method, loaded.model, datasets[key], batch_size=cfg.batch_size,
                                  n_samples=cfg.t_samples, max_batches=cfg.max_batches, seed=cfg.seed,
                                  dtype=dtype, progress=progress)
-    return {"method": run.method, "corpus": run.data.corpus, "split": key,
-            "tokenizer": run.data.tokenizer, "step": loaded.step, **result.as_dict(),
-            "protocol": protocol_text(loaded.method, cfg, result.exact), "checkpoint": str(loaded.path)}
+    out = {"method": run.method, "corpus": run.data.corpus, "split": key,
+           "tokenizer": run.data.tokenizer, "step": loaded.step, **result.as_dict(),
+           "protocol": protocol_text(loaded.method, cfg, result.exact), "checkpoint": str(loaded.path)}
+    if warning:
+        out["warning"] = warning
+    return out
+
+
+def unseen_script_warning(run, corpus: str, split: str, sample_chars: int = 1_000_000) -> str | None:
+    """A line when much of a zero-shot corpus is written in scripts (Unicode blocks of 128 code
+    points) that the training corpus never used: a byte-level model still scores it, but the
+    figure then measures text of a kind it never saw."""
+    from ddlm.data import load_corpus
+
+    def blocks(texts: list[str]) -> tuple[dict[int, int], int]:
+        counts, total = {}, 0
+        for text in texts:
+            for ch in text[: sample_chars - total]:
+                counts[ord(ch) >> 7] = counts.get(ord(ch) >> 7, 0) + 1
+            total = sum(counts.values())
+            if total >= sample_chars:
+                break
+        return counts, total
+
+    cache = runtime.cache_dir() / "corpora"
+    seen, _ = blocks(load_corpus(run.data.corpus, text8_download=False, cache_dir=cache).train)
+    key = "valid" if split == "validation" else split
+    other, total = blocks(load_corpus(corpus, text8_download=False, cache_dir=cache).split(key))
+    unseen = sum(n for block, n in other.items() if block not in seen)
+    if total and unseen / total > 0.05:
+        return (f"{unseen / total:.0%} of the characters of {corpus!r} are in scripts absent from the "
+                f"training corpus {run.data.corpus!r}; the model never saw text like it")
+    return None
 
 
 def checkpoint_info(path) -> dict:
