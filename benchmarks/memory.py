@@ -49,7 +49,7 @@ if kind == "eval":
         evaluate_likelihood(method, model, sub, batch_size=batch)
         trace.append(rss())
 else:
-    sampler = method.sampler(SampleConfig(steps=steps, batch_size=batch))
+    sampler = method.sampler(SampleConfig(steps=max(steps, 1), batch_size=batch))
     g = torch.Generator().manual_seed(0)
     for i in range(batches):
         sampler.generate(model, batch, L, generator=g)
