@@ -122,7 +122,7 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
         _write_text(Path(out_dir) / "latest", f"checkpoints/{final.name}\n")
     except (OSError, RuntimeError) as err:  # disk full, read-only directory, a failing writer
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = _latest_text(Path(out_dir))
+        kept = latest_name(Path(out_dir))
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:120]
         raise CheckpointError(f"could not write checkpoint step {step} under '{root}' ({reason}); "
                               + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
@@ -131,7 +131,8 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
     return final
 
 
-def _latest_text(out_dir: Path) -> str | None:
+def latest_name(out_dir: Path) -> str | None:
+    """What OUT/latest names (None when missing or unreadable), for messages."""
     try:
         return (out_dir / "latest").read_text().strip() or None
     except (OSError, UnicodeDecodeError):

@@ -148,46 +148,40 @@ def smollm2_file() -> Path:
     return path
 
 
-def load_gguf(path: Path, name: str) -> HFJudge:
-    """A GGUF causal LM, de-quantised to float32 by transformers, offline."""
+def load_transformers(name: str, directory: Path, what: str, **kwargs) -> HFJudge:
+    """A transformers causal LM and its tokenizer from a local directory (`kwargs`: e.g. the GGUF
+    file in it), offline, in float32; any failure is one ConfigError naming the judge."""
     try:
         import transformers
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise ConfigError(f"judge {name!r} needs transformers, gguf and accelerate: {JUDGE_HINT}") from None
-    if not path.is_file():
-        raise ConfigError(f"judge {name!r}: GGUF file '{path}' not found")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         with contextlib.redirect_stderr(io.StringIO()):  # the GGUF conversion's own progress bar
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                   local_files_only=True)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory), local_files_only=True, **kwargs)
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, local_files_only=True, dtype=torch.float32)
+                str(directory), local_files_only=True, dtype=torch.float32, **kwargs)
     except ImportError as err:
         raise ConfigError(f"judge {name!r}: {err}; {JUDGE_HINT}") from None
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"judge {name!r}: '{path}' is not a loadable GGUF model "
+        raise ConfigError(f"judge {name!r}: '{what}' is not a loadable {'GGUF model' if kwargs else 'causal LM'} "
                           f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return HFJudge(model, tokenizer, name)
+
+
+def load_gguf(path: Path, name: str) -> HFJudge:
+    """A GGUF causal LM, de-quantised to float32 by transformers, offline."""
+    if not path.is_file():
+        raise ConfigError(f"judge {name!r}: GGUF file '{path}' not found")
+    return load_transformers(name, path.parent, str(path), gguf_file=path.name)
 
 
 def load_hf_directory(path: Path, name: str) -> HFJudge:
-    try:
-        import transformers
-    except ImportError:
-        raise ConfigError(f"judge {name!r} needs transformers: {JUDGE_HINT}") from None
     if not path.is_dir():
         raise ConfigError(f"judge {name!r}: '{path}' is not a directory")
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True,
-                                                                  dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"judge {name!r}: '{path}' is not a loadable causal LM "
-                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
-    return HFJudge(model, tokenizer, name)
+    return load_transformers(name, path, str(path))
 
 
 def load_judge(spec: str) -> Judge:

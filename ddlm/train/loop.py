@@ -20,7 +20,7 @@ import torch
 
 from ddlm import runtime
 from ddlm.build import build_method, check_memory, complete_model_config, prepare_data
-from ddlm.checkpoint import (load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint,
+from ddlm.checkpoint import (latest_name, load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint,
                              weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
@@ -205,7 +205,7 @@ class Trainer:
                     self._log({"step": self.step, "skipped": "nonfinite", "loss": str(loss),
                                "grad_norm": str(grad_norm), "nonfinite_steps": self.nonfinite_steps})
                     if bad_in_row >= cfg.max_nonfinite:
-                        kept = _latest_name(self.out_dir)
+                        kept = latest_name(self.out_dir)
                         raise DataError(f"loss or gradients were not finite for {bad_in_row} steps in a row "
                                         f"(up to step {self.step}); stopped, "
                                         + (f"{kept} keeps the last good weights" if kept else "nothing was saved")
@@ -365,10 +365,3 @@ class Trainer:
     def _restore_signal_handlers(saved: dict) -> None:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-
-
-def _latest_name(out_dir: Path) -> str | None:
-    try:
-        return (out_dir / "latest").read_text().strip() or None
-    except (OSError, UnicodeDecodeError):
-        return None
