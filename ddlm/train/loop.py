@@ -253,12 +253,13 @@ class Trainer:
             (out.loss / cfg.grad_accum).backward()
             total += out.loss.item()
         params = [p for p in self.model.parameters() if p.grad is not None]  # trainable only
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        if cfg.grad_clip:  # one norm computation: clipping returns the norm before clipping
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         if not (math.isfinite(total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip: the weights and optimizer state stay good
             return total / cfg.grad_accum, grad_norm, lr
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
