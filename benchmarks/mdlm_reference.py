@@ -4,10 +4,14 @@
 
 Configuration of the comparison: embedded Austen, char tokenizer, d=256, 4 layers, 4 heads, L=128,
 batch 16, AdamW lr 1e-3 (β2 0.95, 50 warm-up steps, cosine to 10%), EMA 0.99, no time
-conditioning; the validation NELBO (8 batches, one stratified t per sequence) at steps 250, 500,
-750, ... The public code's numbers were measured on the same tokens and settings and are quoted
-from the issue; this script measures only ddlm. Runs go to runs/mdlm_reference/BLOCK and are
-resumed when present. Writes mdlm_reference.json and mdlm_reference.png (validation bound vs step).
+conditioning; the validation NELBO (the first 16 batches of the validation split, one stratified
+t per sequence) at steps 250, 500, 750, ... `--set KEY=VALUE` changes a setting for every row.
+Runs go to runs/mdlm_reference/BLOCK and are resumed when present. Writes NAME.json and NAME.png
+(validation bound vs step).
+
+The public code's curves are drawn beside ddlm's: the figures quoted in the issue, and those in
+benchmarks/results/mdlm_public_same_machine.json, measured by running the public code itself (not
+part of this repository) on the same machine, tokens and validation sequences.
 """
 from __future__ import annotations
 
@@ -17,13 +21,14 @@ import platform
 import sys
 from pathlib import Path
 
-from ddlm.config import make_config
+from ddlm.config import make_config, parse_overrides
 from ddlm.eval.plots import plot_validation_curves, validation_curve
 from ddlm.quickstart import QUICKSTART
 from ddlm.runtime import cpu_model
 from ddlm.train.loop import train
 
 PUBLIC_BD3LMS_MDLM = {250: 3.44, 500: 3.13, 750: 2.96, 1500: 2.71}  # quoted in issue [3 of 9]
+PUBLIC_SAME_MACHINE = Path(__file__).parent / "results" / "mdlm_public_same_machine.json"
 
 
 def main(argv=None) -> int:
@@ -32,9 +37,14 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", default="gated", help="comma-separated model.block values")
     p.add_argument("--runs", default="runs/mdlm_reference")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every row (e.g. train.ema=0.9999)")
+    p.add_argument("--eval-batches", type=int, default=16)
+    p.add_argument("--name", default="mdlm_reference", help="results file stem")
     args = p.parse_args(argv)
-    overrides = {"train.steps": str(args.steps), "train.eval_every": "250", "train.eval_batches": "8",
-                 "train.ckpt_every": "500", "train.progress": "false"}
+    overrides = {"train.steps": str(args.steps), "train.eval_every": "250",
+                 "train.eval_batches": str(args.eval_batches), "train.ckpt_every": "500",
+                 "train.progress": "false", **parse_overrides([f"--{kv}" for kv in args.set])}
     rows, curves = {}, {}
     for block in args.blocks.split(","):
         run = make_config(base={**QUICKSTART, "method": "mdlm"},
@@ -46,14 +56,15 @@ def main(argv=None) -> int:
                        "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
     report = {"benchmark": "mdlm_reference", "cpu": cpu_model(), "machine": platform.machine(),
               "config": {"data": QUICKSTART["data"], "model": QUICKSTART["model"],
-                         "train": {**QUICKSTART["train"], "steps": args.steps}},
+                         "train": {**QUICKSTART["train"], "steps": args.steps},
+                         "overrides": overrides},
               "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm": rows}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "mdlm_reference.json").write_text(json.dumps(report, indent=2))
-    plot_validation_curves(curves, out_dir / "mdlm_reference.png",
-                           points={"public bd3lms MDLM (quoted)": (list(PUBLIC_BD3LMS_MDLM),
-                                                                   list(PUBLIC_BD3LMS_MDLM.values()))},
+    (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    points = {"public bd3lms, quoted in the issue": (list(PUBLIC_BD3LMS_MDLM), list(PUBLIC_BD3LMS_MDLM.values()))}
+    points.update(public_same_machine())
+    plot_validation_curves(curves, out_dir / f"{args.name}.png", points=points,
                            title="MDLM validation bound: ddlm vs public bd3lms (Austen char, d256x4, L=128)")
     print(f"{'step':>6}  {'public bd3lms':>13}  " + "  ".join(f"{'ddlm ' + b:>12}" for b in rows))
     all_steps = sorted(set(PUBLIC_BD3LMS_MDLM) | {s for r in rows.values() for s in r["steps"]})
@@ -63,8 +74,17 @@ def main(argv=None) -> int:
         for r in rows.values():
             cells.append(f"{r['valid_bpc'][r['steps'].index(step)]:>12.3f}" if step in r["steps"] else " " * 12)
         print(f"{step:>6}  {public if public else '':>13}  " + "  ".join(cells))
-    print(f"wrote {out_dir / 'mdlm_reference.json'} ({report['cpu']})")
+    print(f"wrote {out_dir / f'{args.name}.json'} ({report['cpu']})")
     return 0
+
+
+def public_same_machine() -> dict[str, tuple[list[int], list[float]]]:
+    """label -> (steps, BPC) of the public code's runs measured on this machine, when recorded."""
+    if not PUBLIC_SAME_MACHINE.is_file():
+        return {}
+    runs = json.loads(PUBLIC_SAME_MACHINE.read_text())["runs"]
+    return {f"public bd3lms, {label}, measured here": ([int(k) for k in r["valid_bpc"]], list(r["valid_bpc"].values()))
+            for label, r in runs.items()}
 
 
 if __name__ == "__main__":

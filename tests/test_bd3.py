@@ -29,6 +29,7 @@ from ddlm.config import SampleConfig, make_config
 from ddlm.data import build_tokenizer
 from ddlm.data.markov import chain_states
 from ddlm.errors import ConfigError
+from ddlm.eval.run import checkpoint_info
 from ddlm.methods.bd3 import BD3, BD3Config, window_grid
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.nn.attention import block_causal_mask, block_diffusion_mask, prefix_block_mask
@@ -680,6 +681,8 @@ def test_window_is_saved_and_restored_on_resume(corpus, tmp_path):
     assert rest.losses == full.losses[2:]  # steps 3-4 drew their times in the restored window
     a, b = load_trainer_state(full.checkpoint), load_trainer_state(rest.checkpoint)
     assert a["method"] == b["method"]
+    shown = checkpoint_info(tmp_path / "part")["bd3_window"]  # `ddlm info` names the trained window
+    assert shown == f"t ~ U[{b['method']['window'][0]}, {b['method']['window'][1]}] (chosen by the search)"
 
     # the trained checkpoint samples with a variable length through `ddlm sample`'s entry point
     result = sample_checkpoint(tmp_path / "full", options={"num": 3, "length": 8, "steps": 2,

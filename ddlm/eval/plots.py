@@ -53,7 +53,7 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
     ax.set_ylabel("validation BPC (diffusion: upper bound)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -87,10 +87,13 @@ def checkpoint_info(path) -> dict:
     if metrics.is_file():
         from ddlm.eval.records import read_jsonl
 
-        evals = [row for row in read_jsonl(metrics) if "val_bpc" in row]
-        evals = [e for e in evals if e["step"] <= loaded.step]
+        rows = [row for row in read_jsonl(metrics) if row.get("step", 0) <= loaded.step]
+        evals = [row for row in rows if "val_bpc" in row]
         if evals:
             info["valid_bpc"] = round(evals[-1]["val_bpc"], 4)
+        windows = [row["bd3_window"] for row in rows if "bd3_window" in row]
+        if windows:  # chosen by the variance search (trainer state, which inference never reads)
+            info["bd3_window"] = f"t ~ U[{windows[-1][0]}, {windows[-1][1]}] (chosen by the search)"
     info["config"] = run.to_dict()
     return info
 

@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from ddlm.errors import ConfigError
 from ddlm.methods.base import LossOutput, NLLBound, register
 from ddlm.methods.mdlm import MDLM, MDLMConfig
-from ddlm.methods.noise import time_per_position
 from ddlm.nn.transformer import Transformer
 from ddlm.sampling.base import Generators, gumbel_argmax
 

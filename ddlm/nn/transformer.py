@@ -76,7 +76,7 @@ class NoiseEmbedding(nn.Module):
         half = self.n_freq // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device) / half)
         args = sigma.float()[..., None] * freqs
-        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
 def positions_of(values: torch.Tensor, length: int) -> torch.Tensor:
