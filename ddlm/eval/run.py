@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections import Counter
 
 from ddlm import runtime
 from ddlm.build import load_for_inference, prepare_data
@@ -51,15 +53,9 @@ def unseen_script_warning(run, corpus: str, split: str, sample_chars: int = 1_00
     figure then measures text of a kind it never saw."""
     from ddlm.data import load_corpus
 
-    def blocks(texts: list[str]) -> tuple[dict[int, int], int]:
-        counts, total = {}, 0
-        for text in texts:
-            for ch in text[: sample_chars - total]:
-                counts[ord(ch) >> 7] = counts.get(ord(ch) >> 7, 0) + 1
-            total = sum(counts.values())
-            if total >= sample_chars:
-                break
-        return counts, total
+    def blocks(texts: list[str]) -> tuple[Counter, int]:
+        counts = Counter(ord(ch) >> 7 for ch in itertools.islice(itertools.chain.from_iterable(texts), sample_chars))
+        return counts, sum(counts.values())
 
     cache = runtime.cache_dir() / "corpora"
     seen, _ = blocks(load_corpus(run.data.corpus, text8_download=False, cache_dir=cache).train)
@@ -91,9 +87,7 @@ def checkpoint_info(path) -> dict:
         evals = [row for row in rows if "val_bpc" in row]
         if evals:
             info["valid_bpc"] = round(evals[-1]["val_bpc"], 4)
-        windows = [row["bd3_window"] for row in rows if "bd3_window" in row]
-        if windows:  # chosen by the variance search (trainer state, which inference never reads)
-            info["bd3_window"] = f"t ~ U[{windows[-1][0]}, {windows[-1][1]}] (chosen by the search)"
+        info.update(loaded.method.describe_adapted(rows))
     info["config"] = run.to_dict()
     return info
 

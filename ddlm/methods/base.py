@@ -134,6 +134,11 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict`'s output."""
 
+    def describe_adapted(self, records: list[dict]) -> dict[str, str]:
+        """What `ddlm info` shows of the adapted state, from the run's logged records (inference
+        never reads the trainer state that holds it)."""
+        return {}
+
     def sampler_name(self, cfg: Any) -> str:
         """cfg.sampler, or the default; an unknown name is a one-line ConfigError."""
         if not self.samplers:

@@ -218,6 +218,10 @@ class BD3(MDLM):
         if "window" in state:
             self.window = tuple(float(v) for v in state["window"])
 
+    def describe_adapted(self, records: list[dict]) -> dict[str, str]:
+        windows = [r["bd3_window"] for r in records if "bd3_window" in r]
+        return {"bd3_window": f"t ~ U[{windows[-1][0]}, {windows[-1][1]}] (chosen by the search)"} if windows else {}
+
     # ---- sampling --------------------------------------------------------------------------
 
     def sampler(self, cfg):

@@ -92,42 +92,46 @@ class Trainer:
             raise ConfigError(f"cannot create run directory '{self.out_dir}': {err.strerror}") from None
         self.lock = RunLock(self.out_dir).acquire()
         try:
-            previous = self._previous_checkpoint(run, overwrite)
-            cfg = run.train
-            runtime.set_threads(cfg.threads)
-            runtime.seed_everything(cfg.seed)
-            self.device = runtime.device()
-            self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
-            source = previous or (resolve_checkpoint(cfg.init) if cfg.init else None)
-            tokenizer = tokenizer_from_dict(load_checkpoint(source).tokenizer_dict) if source else None
-            self.tokenizer, self.datasets = prepare_data(run, tokenizer)
-            self.method = build_method(run, self.tokenizer)
-            self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
-            check_memory(self.run.model, training=True)
-            self.model = self.method.build_model(self.run.model).to(self.device)
-            if cfg.init and previous is None:
-                self._initialise_from(cfg.init)
-            elif self.method.needs_init and previous is None:
-                raise ConfigError(f"method {run.method!r} starts from a trained run: give --init "
-                                  f"({self.method.needs_init})")
-            self.step_model = torch.compile(self.model) if cfg.compile else self.model
-            self.optimizer = build_optimizer(self.model, cfg)
-            self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
-            self.loader = BlockLoader(self.datasets["train"], cfg.batch_size, seed=cfg.seed, shuffle=True)
-            if len(self.datasets["train"]) < cfg.batch_size:
-                raise DataError(f"training split has {len(self.datasets['train'])} sequences, fewer than "
-                                f"train.batch_size={cfg.batch_size}; use a larger corpus or smaller batch")
-            self.step = 0
-            self.resumed_from = 0
-            self.nonfinite_steps = 0
-            if previous is not None:
-                self._restore(previous)
+            self._set_up(run, overwrite)
         except BaseException:  # a refused or failed set-up leaves the directory unlocked
             self.lock.release()
             raise
         self.stop_requested = False
 
     # -- set-up -----------------------------------------------------------------------------
+    def _set_up(self, run: RunConfig, overwrite: bool) -> None:
+        """Tokenizer, data, method, model, optimiser, EMA and loader; restored when resuming."""
+        previous = self._previous_checkpoint(run, overwrite)
+        cfg = run.train
+        runtime.set_threads(cfg.threads)
+        runtime.seed_everything(cfg.seed)
+        self.device = runtime.device()
+        self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
+        source = previous or (resolve_checkpoint(cfg.init) if cfg.init else None)
+        tokenizer = tokenizer_from_dict(load_checkpoint(source).tokenizer_dict) if source else None
+        self.tokenizer, self.datasets = prepare_data(run, tokenizer)
+        self.method = build_method(run, self.tokenizer)
+        self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
+        check_memory(self.run.model, training=True)
+        self.model = self.method.build_model(self.run.model).to(self.device)
+        if cfg.init and previous is None:
+            self._initialise_from(cfg.init)
+        elif self.method.needs_init and previous is None:
+            raise ConfigError(f"method {run.method!r} starts from a trained run: give --init "
+                              f"({self.method.needs_init})")
+        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
+        self.loader = BlockLoader(self.datasets["train"], cfg.batch_size, seed=cfg.seed, shuffle=True)
+        if len(self.datasets["train"]) < cfg.batch_size:
+            raise DataError(f"training split has {len(self.datasets['train'])} sequences, fewer than "
+                            f"train.batch_size={cfg.batch_size}; use a larger corpus or smaller batch")
+        self.step = 0
+        self.resumed_from = 0
+        self.nonfinite_steps = 0
+        if previous is not None:
+            self._restore(previous)
+
     def _previous_checkpoint(self, run: RunConfig, overwrite: bool) -> Path | None:
         if not (self.out_dir / "latest").is_file():
             return None
