@@ -32,6 +32,12 @@ the output head, n layers, width D:
                    keys, so that quarter is not computed), the last layer's noisy queries only.
                    The mask inside those ranges is not discounted, as PaLM does not discount causal.
 So BD3's MFU says how well the 2L-token pass runs, and its tokens/s what a trained token costs.
+
+The ceiling of BD3's lead: the public code runs the same backbone over all 2L tokens in every layer
+and the head, with dense 2L x 2L attention scores (`dense_bd3_flops_per_token`). Its FLOPs over
+ddlm's are the speed-up ddlm would have if both ran at the same MFU (the `flop_ceiling` column):
+on a machine where the two reach the same matmul efficiency, no lead above it comes from skipping
+work, only from running the same work faster.
 """
 from __future__ import annotations
 
@@ -92,6 +98,16 @@ def bd3_train_flops_per_token(cfg, seq_len: int) -> float:
     return weights + attention
 
 
+def dense_bd3_flops_per_token(cfg, seq_len: int) -> float:
+    """FLOPs per trained token of a BD3 step that computes everything over x_t (+) x_0: every
+    weight and the head on 2L tokens, attention scores for 2L queries x 2L keys in every layer."""
+    D, n, L = cfg.dim, cfg.n_layers, seq_len
+    per_token = 3 * D * D + D * D + 2 * D * int(cfg.mlp_ratio * D)
+    weights = 6.0 * 2 * (n * per_token + D * cfg.vocab_size)
+    attention = 12.0 * D * n * 4 * L
+    return weights + attention
+
+
 def peak_rate(dtype: torch.dtype, dims, seconds: float = 1.0) -> float:
     return max(runtime.matmul_rate(dtype, n=n, rows=2048, seconds=seconds) for n in dims)
 
@@ -125,8 +141,10 @@ def time_steps(method: str, size: str, dtype: str, steps: int, compile_: bool, b
            "seq_len": run.data.seq_len, "batch": run.train.batch_size,
            "tokens_per_s": tokens / seconds, "step_s": seconds, "flops_per_token": flops}
     if name == "bd3":
+        dense = dense_bd3_flops_per_token(trainer.run.model, run.data.seq_len)
         row.update(block_size=options["block_size"], backbone_tokens_per_step=2 * tokens,
-                   scored_tokens_per_step=tokens)
+                   scored_tokens_per_step=tokens, dense_pass_flops_per_token=dense,
+                   flop_ceiling=dense / flops)
     return row
 
 
@@ -217,6 +235,10 @@ def print_table(rows: list[dict], peaks: dict) -> None:
     print(HEADER)
     for r in rows:
         print(_row(r))
+    for r in rows:
+        if "flop_ceiling" in r:
+            print(f"BD3 L'={r['block_size']}: a dense 2L x 2L pass does {r['flop_ceiling']:.2f}x ddlm's FLOPs "
+                  f"per trained token: ddlm's lead over it at equal MFU")
 
 
 def _machine() -> dict:

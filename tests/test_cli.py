@@ -111,7 +111,9 @@ def test_quickstart_runs_both_methods_end_to_end(tmp_path, capsys):
     report = json.loads(out)
     assert code == 0 and set(report) == {"ar", "mdlm"}
     assert report["ar"]["exact"] and not report["mdlm"]["exact"]
-    assert all(r["steps"] == 2 and r["test_bpc"] > 0 and len(r["samples"]) == 2 for r in report.values())
+    assert all(r["steps"] == 2 and r["test_bpc"] > 0 and len(r["samples"]) == 16 for r in report.values())
+    assert all(0 <= r["known_words"] <= 1 and r["held_out_known_words"] > 0.9 for r in report.values())
+    assert out.count("--- sample") == 0  # --json prints the report only
 
 
 def test_method_without_likelihood_and_unhonoured_sampling_options(trained, capsys, monkeypatch):

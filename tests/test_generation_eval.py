@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddlm.eval.generation import (cut_at_eos, judge_nll, repetition_rate, sample_statistics, token_nll,
-                                  unigram_entropy)
+from ddlm.eval.generation import (cut_at_eos, judge_nll, known_word_rate, repetition_rate, sample_statistics,
+                                  token_nll, unigram_entropy, words)
 from ddlm.eval.judges import ArJudge, Judge
 
 from conftest import tiny_transformer
@@ -24,6 +24,15 @@ def test_statistics_match_hand_counts():
     assert stats.distinct[2] == pytest.approx(3 / 4)  # (1,1) twice, (1,2), (2,3)
     assert stats.unigram_entropy == pytest.approx(math.log(3) / 2)
     assert stats.repetition == 0.0
+
+
+def test_known_word_rate_counts_inner_words_against_the_lexicon():
+    lexicon = {"the", "cat", "sat", "on", "mat"}
+    assert words("The cat's 2 mats!") == ["the", "cat", "s", "mats"]
+    # inner words only: "cat sat on" of the first text (3 known), "xqz the" of the second (1 of 2)
+    assert known_word_rate(["ht cat sat on th", "at xqz the ma"], lexicon) == pytest.approx(4 / 5)
+    assert known_word_rate(["the cat sat on the mat"], lexicon) == 1.0
+    assert math.isnan(known_word_rate(["the cat", "mat"], lexicon))  # no inner words at all
 
 
 def logits_of(model):

@@ -4,6 +4,8 @@
     judge_nll(judge, texts, ended=...)    a judge's NLL of the texts (ddlm/eval/judges.py):
                                           token-weighted generative perplexity and bits per byte
     cut_at_eos(rows, eos_id)              samples cut at their first EOS, and which ended there
+    known_word_rate(texts, lexicon)       share of the samples' words that occur in a lexicon
+                                          (the training text's words): "does it write words?"
 
 Generative perplexity is exp(sum of NLL / number of judge tokens) over all samples, never a mean of
 per-sample perplexities. Beside it, bits per byte (the NLL over the UTF-8 bytes of the text) does
@@ -13,6 +15,7 @@ short tokens. Low entropy flatters both: report the unigram entropy with them.
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -60,6 +63,19 @@ def sample_statistics(samples: list[list[int]], orders: tuple[int, ...] = (1, 2,
     return SampleStatistics(unigram_entropy=sum(map(unigram_entropy, samples)) / len(samples),
                             distinct=distinct,
                             repetition=sum(map(repetition_rate, samples)) / len(samples))
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased runs of letters of a text (digits, punctuation and spaces separate them)."""
+    return re.findall(r"[^\W\d_]+", text.lower())
+
+
+def known_word_rate(texts: list[str], lexicon: set[str]) -> float:
+    """Share of the texts' words found in `lexicon`, pooled over texts. A text's first and last
+    word are left out: a window cut from running text (or a sample of one) may start or end inside
+    a word. NaN when no text has three words or more."""
+    inner = [w for text in texts for w in words(text)[1:-1]]
+    return sum(w in lexicon for w in inner) / len(inner) if inner else float("nan")
 
 
 @dataclass
