@@ -88,11 +88,17 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, {"block_size": int(block or 4)}
 
 
+def block_weights(cfg) -> tuple[int, int, int]:
+    """Matmul weights per token: (qkv of a layer, the rest of a layer: attention output + MLP,
+    the head)."""
+    D = cfg.dim
+    return 3 * D * D, D * D + 2 * D * int(cfg.mlp_ratio * D), D * cfg.vocab_size
+
+
 def bd3_train_flops_per_token(cfg, seq_len: int) -> float:
     """FLOPs per trained token of BD3-LM's vectorised step (module docstring)."""
     D, n, L = cfg.dim, cfg.n_layers, seq_len
-    qkv, rest = 3 * D * D, D * D + 2 * D * int(cfg.mlp_ratio * D)
-    head = D * cfg.vocab_size
+    qkv, rest, head = block_weights(cfg)
     weights = 6.0 * (2 * n * qkv + 2 * (n - 1) * rest + rest + head)
     attention = 12.0 * D * ((n - 1) * 3 * L + 2 * L)
     return weights + attention
@@ -102,8 +108,8 @@ def dense_bd3_flops_per_token(cfg, seq_len: int) -> float:
     """FLOPs per trained token of a BD3 step that computes everything over x_t (+) x_0: every
     weight and the head on 2L tokens, attention scores for 2L queries x 2L keys in every layer."""
     D, n, L = cfg.dim, cfg.n_layers, seq_len
-    per_token = 3 * D * D + D * D + 2 * D * int(cfg.mlp_ratio * D)
-    weights = 6.0 * 2 * (n * per_token + D * cfg.vocab_size)
+    qkv, rest, head = block_weights(cfg)
+    weights = 6.0 * 2 * (n * (qkv + rest) + head)
     attention = 12.0 * D * n * 4 * L
     return weights + attention
 
