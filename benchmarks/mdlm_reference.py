@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ddlm.config import make_config, parse_overrides
 from ddlm.eval.plots import plot_validation_curves, validation_curve
-from ddlm.quickstart import QUICKSTART
+from ddlm.quickstart import CHAR_QUICKSTART
 from ddlm.runtime import cpu_model
 from ddlm.train.loop import train
 
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
                  "train.progress": "false", **parse_overrides([f"--{kv}" for kv in args.set])}
     rows, curves = {}, {}
     for block in args.blocks.split(","):
-        run = make_config(base={**QUICKSTART, "method": "mdlm"},
+        run = make_config(base={**CHAR_QUICKSTART, "method": "mdlm"},
                           overrides={**overrides, "model.block": block})
         result = train(run, Path(args.runs) / block, quiet=True)
         steps, bpc, err = validation_curve(result.out_dir)
@@ -55,8 +55,8 @@ def main(argv=None) -> int:
         rows[block] = {"steps": steps, "valid_bpc": bpc, "stderr": err,
                        "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
     report = {"benchmark": "mdlm_reference", "cpu": cpu_model(), "machine": platform.machine(),
-              "config": {"data": QUICKSTART["data"], "model": QUICKSTART["model"],
-                         "train": {**QUICKSTART["train"], "steps": args.steps},
+              "config": {"data": CHAR_QUICKSTART["data"], "model": CHAR_QUICKSTART["model"],
+                         "train": {**CHAR_QUICKSTART["train"], "steps": args.steps},
                          "overrides": overrides},
               "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm": rows}
     out_dir = Path(args.out)

@@ -2,7 +2,7 @@
 
     python benchmarks/quality_austen.py [--steps 2000] [--methods ar,mdlm] [--out benchmarks/results]
 
-Every method gets the quickstart model and data (char tokenizer, d=256, 4 layers, L=128, batch 16)
+Every method gets the quickstart model on characters (char tokenizer, d=256, 4 layers, L=128, batch 16)
 and the same optimiser settings and number of steps. Runs go to runs/quality_austen/METHOD and are
 resumed when present. Writes quality_austen.json (test BPC ± standard error, validation curve) and
 quality_austen.png (validation BPC vs step, with the unigram entropy of the training split as a
@@ -21,7 +21,7 @@ from ddlm.build import prepare_data
 from ddlm.config import make_config
 from ddlm.eval.plots import plot_validation_curves, validation_curve
 from ddlm.eval.run import evaluate_checkpoint
-from ddlm.quickstart import QUICKSTART
+from ddlm.quickstart import CHAR_QUICKSTART
 from ddlm.train.loop import train
 
 
@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     overrides = {"train.steps": str(args.steps), "train.eval_every": "250", "train.ckpt_every": "1000"}
     results, curves = {}, {}
     for method in args.methods.split(","):
-        run = make_config(base={**QUICKSTART, "method": method}, overrides=overrides)
+        run = make_config(base={**CHAR_QUICKSTART, "method": method}, overrides=overrides)
         out = train(run, Path(args.runs) / method).out_dir
         test = evaluate_checkpoint(out, split="test")
         steps, bpc, err = validation_curve(out)
@@ -53,8 +53,8 @@ def main(argv=None) -> int:
                            "valid_curve": {"step": steps, "bpc": bpc, "stderr": err}}
     unigram = unigram_bpc(run)
     report = {"benchmark": "quality_austen", "steps": args.steps, "unigram_bpc": unigram,
-              "config": {"data": QUICKSTART["data"], "model": QUICKSTART["model"],
-                         "train": {**QUICKSTART["train"], "steps": args.steps}},
+              "config": {"data": CHAR_QUICKSTART["data"], "model": CHAR_QUICKSTART["model"],
+                         "train": {**CHAR_QUICKSTART["train"], "steps": args.steps}},
               "methods": results}
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,12 @@
 """`ddlm quickstart`: train small AR and MDLM models on the embedded Austen corpus, then show
 their samples side by side with their test BPC and the share of their words that are words of the
-training text (held-out text scores about 99%). A few minutes on 2 CPU cores."""
+training text (held-out text scores about 99%). A few minutes on 2 CPU cores.
+
+The tokenizer is a 2,048-token BPE trained on the training split (about 3.3 characters a token).
+With characters, MDLM must learn spelling from every order of context at once, and at this budget
+its samples are letter soup (about 28% known words against AR's 70%); BPE tokens carry the
+spelling, and each step trains on three times the text. `--data.tokenizer=char` runs the
+character-level version."""
 from __future__ import annotations
 
 import textwrap
@@ -15,13 +21,15 @@ from ddlm.sampling.run import sample_checkpoint
 from ddlm.train.loop import train
 
 QUICKSTART = {
-    "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 128},
+    "data": {"corpus": "austen", "tokenizer": "bpe", "bpe_vocab_size": 2048, "seq_len": 128},
     "model": {"dim": 256, "n_layers": 4, "n_heads": 4},
     "train": {"steps": 500, "batch_size": 16, "lr": 1e-3, "beta2": 0.95, "warmup_steps": 50,
               "eval_every": 200, "eval_batches": 4, "ckpt_every": 200, "ema": 0.99},
     "eval": {"max_batches": 20, "batch_size": 32},
     "sample": {"num": 16, "steps": 128},
 }
+# The character-level configuration of the benchmarks and of the comparison with the public code.
+CHAR_QUICKSTART = {**QUICKSTART, "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 128}}
 SHOWN_SAMPLES = 2
 
 
