@@ -772,7 +772,10 @@ def write_chain(path, n_chars: int, seed: int = 0):
 
 def test_markov_chain_bounds_are_ordered_ar_bd3_mdlm(tmp_path, monkeypatch):
     """AR <= BD3 (L' = 4) <= MDLM within two standard errors (paired per validation block), and all
-    three above the chain's own NLL of the same tokens. Nats per token = per character here."""
+    three above the chain's own NLL of the same tokens. Nats per token = per character here.
+    lr 1e-3: at 3e-3, BD3's gradient norm spiked to 25 on an Intel Xeon and its bound stayed at twice
+    MDLM's gap to the chain after 250 steps (the same code passed on an AMD EPYC); at 1e-3 the three
+    were ordered with wide margins for seeds 0, 1 and 2 there."""
     monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
     P, pi = write_chain(tmp_path / "chain.txt", 120_000)
     seq_len = 32
@@ -781,7 +784,7 @@ def test_markov_chain_bounds_are_ordered_ar_bd3_mdlm(tmp_path, monkeypatch):
         run = make_config(base={
             "method": method, method: options, "data": {"corpus": str(tmp_path / "chain.txt"), "seq_len": seq_len},
             "model": {"dim": 48, "n_layers": 2, "n_heads": 2},
-            "train": {"steps": 250, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20, "eval_every": 0,
+            "train": {"steps": 250, "batch_size": 32, "lr": 1e-3, "warmup_steps": 20, "eval_every": 0,
                       "ckpt_every": 0, "progress": False, "ema": 0.0, "dtype": "fp32", "threads": 2}})
         fitted[method] = load_for_inference(train(run, tmp_path / method, quiet=True).out_dir)
     _, data = prepare_data(fitted["ar"].run, fitted["ar"].tokenizer)

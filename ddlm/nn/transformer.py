@@ -124,9 +124,11 @@ class Block(nn.Module):
             # (B, 1 or L, D) each: shift/scale/gate of the attention and MLP branches
             mod = positions_of(self.modulation(cond), h.shape[1])
             s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)
-            y = self._attention(self.norm1(h) * (1 + c1) + s1, cos, sin, mask, cache, cache_write, n)
-            h = h[:, :n] + g1[:, :n] * y
-            return h + g2[:, :n] * self._mlp(self.norm2(h) * (1 + c2[:, :n]) + s2[:, :n])
+            # addcmul(a, b, c) = a + b * c in one pass: modulate = shift + norm * (1 + scale)
+            y = self._attention(torch.addcmul(s1, self.norm1(h), 1 + c1), cos, sin, mask, cache, cache_write, n)
+            h = torch.addcmul(h[:, :n], g1[:, :n], y)
+            y = self._mlp(torch.addcmul(s2[:, :n], self.norm2(h), 1 + c2[:, :n]))
+            return torch.addcmul(h, g2[:, :n], y)
         h = h[:, :n] + self._attention(self.norm1(h), cos, sin, mask, cache, cache_write, n)
         return h + self._mlp(self.norm2(h))
 
@@ -228,7 +230,7 @@ class Transformer(nn.Module):
         h = h[:, :logits_for] if logits_for is not None else h
         if self.final_modulation is not None:
             shift, scale = positions_of(self.final_modulation(cond), L)[:, :h.shape[1]].chunk(2, dim=-1)
-            h = self.norm(h) * (1 + scale) + shift
+            h = torch.addcmul(shift, self.norm(h), 1 + scale)
         else:
             h = self.norm(h)
         if cache is not None and cache_write:
