@@ -20,7 +20,8 @@ Clipped schedules (paper §4): training times are drawn per block from a window 
 the trainer calls `adapt` on held-out batches and the window whose per-block loss has the lowest
 variance is kept (`state_dict`, saved in the checkpoint). The window (1, 1) (every token of a block
 masked, weight 1) is the AR loss; it is a candidate for L' = 1. Evaluation ignores the window:
-`nll_bound` always draws t ~ U[sampling_eps, 1], the same protocol as MDLM.
+`nll_bound` always draws t ~ U[sampling_eps, 1], the same protocol as MDLM. The window and its
+search are MDLM's (ddlm/methods/mdlm.py, where the sequence is one block), applied per block here.
 """
 from __future__ import annotations
 
@@ -30,27 +31,17 @@ import torch
 
 from ddlm.errors import ConfigError
 from ddlm.methods.base import LossOutput, register
-from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
-from ddlm.methods.noise import stratified_uniform, time_per_position
+from ddlm.methods.mdlm import FULL_MASK, MDLM, MDLMConfig, subs_log_probs, window_grid
 from ddlm.nn.attention import block_diffusion_block_mask, block_diffusion_groups, flex_available
-
-FULL_MASK = 1.0  # the window (1, 1): every token of a block masked, weight 1 (the AR loss when L' = 1)
 
 
 @dataclass
 class BD3Config(MDLMConfig):
-    """Options of BD3-LM (`--bd3.<field>=value`); MDLM's options apply per block."""
+    """Options of BD3-LM (`--bd3.<field>=value`); MDLM's options apply per block (the clipped
+    window among them: bd3.clip_min, clip_max, search_every, search_batches)."""
 
     block_size: int = 4
     """Tokens per block L' (it must divide data.seq_len); 1 is AR, seq_len is MDLM."""
-    clip_min: float = 0.0
-    """Training times per block t ~ U[max(clip_min, sampling_eps), clip_max]; 1 = every token masked."""
-    clip_max: float = 1.0
-    """Upper end of the training-time window."""
-    search_every: int = 0
-    """Every N training steps, choose the window with the lowest loss variance (0: keep it fixed)."""
-    search_batches: int = 4
-    """Held-out batches the window search evaluates each window on."""
     attention: str = "dense"
     """Training pass: dense (SDPA with a boolean 2L x 2L mask) | flex (FlexAttention's sparse
     block mask, compiled; needs a torch that has it)."""
@@ -59,25 +50,11 @@ class BD3Config(MDLMConfig):
         self.check_all("bd3", [
             (self.discrete_steps >= 0, f"bd3.discrete_steps={self.discrete_steps} must be >= 0"),
             (self.block_size >= 1, f"bd3.block_size={self.block_size} must be >= 1"),
-            (0.0 <= self.clip_min <= self.clip_max <= 1.0,
-             f"bd3.clip_min={self.clip_min}, clip_max={self.clip_max} need 0 <= min <= max <= 1"),
-            (self.search_every >= 0, f"bd3.search_every={self.search_every} must be >= 0"),
-            (self.search_batches >= 1, f"bd3.search_batches={self.search_batches} must be >= 1"),
-            (self.discrete_steps == 0 or ((self.clip_min, self.clip_max) == (0.0, 1.0) and not self.search_every),
-             "bd3.discrete_steps works only with the full window (bd3.clip_min=0, clip_max=1, no search)"),
+            *self.window_checks("bd3"),
             (self.attention in ("dense", "flex"), f"bd3.attention={self.attention!r} must be dense or flex"),
             (self.attention != "flex" or flex_available(),
              "bd3.attention=flex needs a torch with FlexAttention; use dense"),
         ])
-
-
-def window_grid(block_size: int) -> list[tuple[float, float]]:
-    """Candidate windows of the search (paper §4): widths 0.5..0.9 in steps of 0.05, starts 0..1-w
-    in steps of 0.05; for L' = 1 also the full-mask window (1, 1)."""
-    out = []
-    for w in range(50, 95, 5):
-        out += [(s / 100, (s + w) / 100) for s in range(0, 100 - w + 1, 5)]
-    return out + ([(FULL_MASK, FULL_MASK)] if block_size == 1 else [])
 
 
 @register
@@ -90,7 +67,6 @@ class BD3(MDLM):
         super().__init__(cfg, **kw)
         if self.context and self.context % cfg.block_size:
             raise ConfigError(f"bd3.block_size={cfg.block_size} does not divide data.seq_len={self.context}")
-        self.window = (cfg.clip_min, cfg.clip_max)
 
     @property
     def block_size(self) -> int:
@@ -103,17 +79,17 @@ class BD3(MDLM):
 
     # ---- time and corruption: one t per block ---------------------------------------------
 
+    def time_groups(self, length: int) -> int:
+        return self.blocks(length)
+
     def training_times(self, batch: int, length: int, *, generator=None, device=None) -> torch.Tensor:
         """(B, K) float64 times, stratified over the B*K blocks, inside the current window (the
         full-mask window (1, 1) has no times: `loss` then uses `full_mask_nll`; these are the full
         window's)."""
-        K = self.blocks(length)
-        lo, hi = self.window
-        if (lo, hi) == (0.0, 1.0) or self.full_mask:
+        if self.full_mask:
+            K = self.blocks(length)
             return self.sample_t(batch * K, generator=generator, device=device).view(batch, K)
-        u = stratified_uniform(batch * K, antithetic=self.cfg.antithetic, generator=generator, device=device)
-        lo = max(lo, self.cfg.sampling_eps)
-        return (lo + (hi - lo) * u).view(batch, K)
+        return super().training_times(batch, length, generator=generator, device=device).view(batch, -1)
 
     def eval_times(self, batch: int, length: int, n_samples: int, *, generator=None,
                    device=None) -> torch.Tensor:
@@ -177,50 +153,15 @@ class BD3(MDLM):
                               "backward pass); use bd3.attention=dense")
         return block_diffusion_block_mask(length, self.block_size, str(device))
 
-    # ---- the clipped-window search ---------------------------------------------------------
+    # ---- the clipped-window search: MDLM's, per block, with the full-mask window for L' = 1 ----
 
-    @property
-    def adapt_every(self) -> int:
-        return self.cfg.search_every
+    def window_candidates(self) -> list[tuple[float, float]]:
+        return window_grid(self.block_size)
 
-    @property
-    def adapt_batches(self) -> int:
-        return self.cfg.search_batches
-
-    @torch.no_grad()
-    def adapt(self, model, batches: list[torch.Tensor], generator=None) -> dict:
-        """Choose the training window with the lowest variance of the per-block loss (paper §4).
-
-        For each window of `window_grid`, every batch is scored at per-block times drawn in that
-        window; the variance across the batch's B*K per-block losses is summed over batches. The
-        window with the smallest sum becomes `self.window`. Returns what to log."""
-        variances = {}
-        for lo, hi in window_grid(self.block_size):
-            self.window = (lo, hi)
-            total = 0.0
-            for x0 in batches:
-                B, L = x0.shape
-                if self.full_mask:
-                    nll = self.full_mask_nll(model, x0)
-                else:
-                    t = time_per_position(self.training_times(B, L, generator=generator, device=x0.device), L)
-                    nll = self.sampled_nll(model, x0, t, generator, dtype=torch.float32)  # (B, L)
-                total += float(nll.view(B, -1, self.block_size).mean(-1).var())
-            variances[f"{lo:.2f}-{hi:.2f}"] = total / len(batches)
-        best = min(variances, key=variances.get)
-        self.window = tuple(float(v) for v in best.split("-"))
-        return {"bd3_window": list(self.window), "bd3_window_variance": variances}
-
-    def state_dict(self) -> dict:
-        return {"window": list(self.window)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "window" in state:
-            self.window = tuple(float(v) for v in state["window"])
-
-    def describe_adapted(self, records: list[dict]) -> dict[str, str]:
-        windows = [r["bd3_window"] for r in records if "bd3_window" in r]
-        return {"bd3_window": f"t ~ U[{windows[-1][0]}, {windows[-1][1]}] (chosen by the search)"} if windows else {}
+    def window_nll(self, model, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        if self.full_mask:
+            return self.full_mask_nll(model, x0)
+        return super().window_nll(model, x0, generator)
 
     # ---- sampling --------------------------------------------------------------------------
 

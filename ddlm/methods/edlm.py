@@ -84,6 +84,8 @@ class EDLMConfig(MDLMConfig):
     def validate(self) -> None:
         self.check_all("edlm", [
             (self.discrete_steps == 0, "edlm.discrete_steps is not supported; EDLM's bound is continuous-time"),
+            (self.full_window, "edlm.clip_min/clip_max/search_every are not supported; train the denoiser "
+                               "with them as an MDLM run"),
             (self.energy == "nce" or (self.energy.startswith(("ar:", "nce:")) and bool(self.energy_path)),
              f"edlm.energy={self.energy!r} must be nce, ar:DIR or nce:DIR (DIR a run directory)"),
             (self.k >= 1, f"edlm.k={self.k} must be >= 1"),

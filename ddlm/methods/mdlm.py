@@ -21,6 +21,12 @@ The bound adds the prior term KL(q(z_1 | x) || p_base) per token, with the absor
 p_base = (1 - alpha_1) MASK + alpha_1 Uniform(V - 1 tokens): alpha_1 log(V - 1), as SEDD's absorbing
 bound (docs/methods.md). Times are drawn by ddlm/methods/noise.py (low-discrepancy over the batch,
 in [sampling_eps, 1]) and may be per position.
+
+Clipped training window (BD3-LM, Arriola et al. 2025, §4; MDLM is BD3-LM with one block): training
+times may be drawn from t ~ U[beta, omega], the weight w(t) unchanged, which lowers the variance of
+the loss at the price of a biased training objective. With `search_every`, the window whose
+per-sequence loss has the lowest variance on held-out batches is chosen every N steps (`adapt`).
+Evaluation ignores the window: `nll_bound` always draws t from the full [sampling_eps, 1].
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.methods.base import register
-from ddlm.methods.noise import DiffusionMethod, NoiseConfig, stratified_uniform
+from ddlm.methods.noise import DiffusionMethod, NoiseConfig, stratified_uniform, time_per_position
 
 
 @dataclass
@@ -41,6 +47,15 @@ class MDLMConfig(NoiseConfig):
     """Give the backbone sigma_bar(t) (adaLN). Disables the sampler's no-change cache."""
     discrete_steps: int = 0
     """0: continuous-time NELBO (eq. 11); T > 0: the discrete T-step NELBO (eq. 10)."""
+    clip_min: float = 0.0
+    """Training times t ~ U[max(clip_min, sampling_eps), clip_max] (BD3-LM's clipped window; per
+    block for BD3-LM, where 1 = every token of the block masked). Evaluation uses the full window."""
+    clip_max: float = 1.0
+    """Upper end of the training-time window."""
+    search_every: int = 0
+    """Every N training steps, choose the window with the lowest loss variance (0: keep it fixed)."""
+    search_batches: int = 4
+    """Held-out batches the window search evaluates each window on."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,7 +63,36 @@ class MDLMConfig(NoiseConfig):
     def validate(self) -> None:
         self.check_all("mdlm", [
             (self.discrete_steps >= 0, f"mdlm.discrete_steps={self.discrete_steps} must be >= 0"),
+            *self.window_checks("mdlm"),
         ])
+
+    def window_checks(self, name: str) -> list[tuple[bool, str]]:
+        """The checks of the clipped-window options, named after the method's section."""
+        return [
+            (0.0 <= self.clip_min <= self.clip_max <= 1.0,
+             f"{name}.clip_min={self.clip_min}, clip_max={self.clip_max} need 0 <= min <= max <= 1"),
+            (self.search_every >= 0, f"{name}.search_every={self.search_every} must be >= 0"),
+            (self.search_batches >= 1, f"{name}.search_batches={self.search_batches} must be >= 1"),
+            (self.discrete_steps == 0 or ((self.clip_min, self.clip_max) == (0.0, 1.0) and not self.search_every),
+             f"{name}.discrete_steps works only with the full window ({name}.clip_min=0, clip_max=1, no search)"),
+        ]
+
+    @property
+    def full_window(self) -> bool:
+        """Whether training draws times from the whole [sampling_eps, 1] and never searches."""
+        return (self.clip_min, self.clip_max) == (0.0, 1.0) and not self.search_every
+
+
+FULL_MASK = 1.0  # the window (1, 1): every token of a block masked, weight 1 (the AR loss when L' = 1)
+
+
+def window_grid(block_size: int = 0) -> list[tuple[float, float]]:
+    """Candidate windows of the search (BD3-LM §4): widths 0.5..0.9 in steps of 0.05, starts
+    0..1-w in steps of 0.05; for blocks of one token (L' = 1) also the full-mask window (1, 1)."""
+    out = []
+    for w in range(50, 95, 5):
+        out += [(s / 100, (s + w) / 100) for s in range(0, 100 - w + 1, 5)]
+    return out + ([(FULL_MASK, FULL_MASK)] if block_size == 1 else [])
 
 
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
@@ -72,7 +116,28 @@ class MDLM(DiffusionMethod):
     bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps) + prior KL"
     samplers = ("ancestral", "first_hitting")
 
+    def __init__(self, cfg, **kw) -> None:
+        super().__init__(cfg, **kw)
+        self.window = (cfg.clip_min, cfg.clip_max)
+
     # ---- time and corruption -------------------------------------------------------------
+
+    def time_groups(self, length: int) -> int:
+        """Training times per sequence: one here, one per block for BD3-LM."""
+        return 1
+
+    def training_times(self, batch: int, length: int, *, generator=None, device=None) -> torch.Tensor:
+        """(B,) float64 times, one per sequence ((B, K) with K time groups), stratified over all of
+        them, inside the current window."""
+        K = self.time_groups(length)
+        lo, hi = self.window
+        if (lo, hi) == (0.0, 1.0):
+            t = self.sample_t(batch * K, generator=generator, device=device)
+        else:
+            u = stratified_uniform(batch * K, antithetic=self.cfg.antithetic, generator=generator, device=device)
+            lo = max(lo, self.cfg.sampling_eps)
+            t = lo + (hi - lo) * u
+        return t.view(batch, K) if K > 1 else t
 
     def sample_t(self, n: int, *, generator=None, device=None) -> torch.Tensor:
         """(n,) float64 times: continuous in [sampling_eps, 1], or the grid i/T when discrete."""
@@ -136,6 +201,63 @@ class MDLM(DiffusionMethod):
         one = torch.ones((), dtype=torch.float64, device=x0.device)
         kl = self.schedule.alpha(one) * math.log(self.vocab_size - 1)
         return kl.expand(x0.shape)
+
+    # ---- the clipped-window search (BD3-LM §4) ---------------------------------------------
+
+    @property
+    def adapt_every(self) -> int:
+        return self.cfg.search_every
+
+    @property
+    def adapt_batches(self) -> int:
+        return self.cfg.search_batches
+
+    def window_candidates(self) -> list[tuple[float, float]]:
+        return window_grid()
+
+    def window_nll(self, model, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """(B, L) training loss integrand at times drawn in the current window."""
+        B, L = x0.shape
+        t = time_per_position(self.training_times(B, L, generator=generator, device=x0.device), L)
+        return self.sampled_nll(model, x0, t, generator, dtype=torch.float32)
+
+    @torch.no_grad()
+    def adapt(self, model, batches: list[torch.Tensor], generator=None) -> dict:
+        """Choose the training window with the lowest variance of the loss per time group (per
+        sequence; per block for BD3-LM), BD3-LM §4.
+
+        For each candidate window, every batch is scored at times drawn in that window; the
+        variance across the batch's B*K group losses is averaged over batches. The window with the
+        smallest average becomes `self.window`. Returns what to log."""
+        variances = {}
+        for window in self.window_candidates():
+            self.window = window
+            total = 0.0
+            for x0 in batches:
+                B, L = x0.shape
+                nll = self.window_nll(model, x0, generator)
+                total += float(nll.view(B, self.time_groups(L), -1).mean(-1).var())
+            variances[f"{window[0]:.2f}-{window[1]:.2f}"] = total / len(batches)
+        best = min(variances, key=variances.get)
+        self.window = tuple(float(v) for v in best.split("-"))
+        return {self.window_key: list(self.window), f"{self.window_key}_variance": variances}
+
+    @property
+    def window_key(self) -> str:
+        return f"{self.name}_window"
+
+    def state_dict(self) -> dict:
+        return {"window": list(self.window)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "window" in state:
+            self.window = tuple(float(v) for v in state["window"])
+
+    def describe_adapted(self, records: list[dict]) -> dict[str, str]:
+        windows = [r[self.window_key] for r in records if self.window_key in r]
+        if not windows:
+            return {}
+        return {self.window_key: f"t ~ U[{windows[-1][0]}, {windows[-1][1]}] (chosen by the search)"}
 
     def sampler(self, cfg):
         """The sampler a SampleConfig names: ancestral (default) | first_hitting."""
