@@ -664,14 +664,17 @@ def corpus(tmp_path, monkeypatch):
     return path
 
 
-def test_window_is_saved_and_restored_on_resume(corpus, tmp_path):
-    run = tiny_run(corpus, "bd3", {"search_every": 2, "search_batches": 2})
+@pytest.mark.parametrize("method", ["bd3", "mdlm"])
+def test_window_is_saved_and_restored_on_resume(corpus, tmp_path, method):
+    """The clipped-window search of BD3-LM and of MDLM (the same mechanism, one block)."""
+    key = f"{method}_window"
+    run = tiny_run(corpus, method, {"search_every": 2, "search_batches": 2})
     full = train(run, tmp_path / "full", quiet=True)
     part = train(run, tmp_path / "part", stop_after=2, quiet=True)
     logged = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    searched = [r for r in logged if "bd3_window" in r]
-    assert [r["step"] for r in searched] == [2] and len(searched[0]["bd3_window_variance"]) == 63
-    window = searched[0]["bd3_window"]
+    searched = [r for r in logged if key in r]
+    assert [r["step"] for r in searched] == [2] and len(searched[0][f"{key}_variance"]) == 63
+    window = searched[0][key]
     assert window != [0.0, 1.0]  # (0, 1) is not in the grid
     state = load_trainer_state(part.checkpoint)
     assert state["method"] == {"window": window}
@@ -681,9 +684,10 @@ def test_window_is_saved_and_restored_on_resume(corpus, tmp_path):
     assert rest.losses == full.losses[2:]  # steps 3-4 drew their times in the restored window
     a, b = load_trainer_state(full.checkpoint), load_trainer_state(rest.checkpoint)
     assert a["method"] == b["method"]
-    shown = checkpoint_info(tmp_path / "part")["bd3_window"]  # `ddlm info` names the trained window
+    shown = checkpoint_info(tmp_path / "part")[key]  # `ddlm info` names the trained window
     assert shown == f"t ~ U[{b['method']['window'][0]}, {b['method']['window'][1]}] (chosen by the search)"
-
+    if method != "bd3":
+        return
     # the trained checkpoint samples with a variable length through `ddlm sample`'s entry point
     result = sample_checkpoint(tmp_path / "full", options={"num": 3, "length": 8, "steps": 2,
                                                            "stop_eos": True})

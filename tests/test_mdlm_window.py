@@ -1,21 +1,16 @@
 """MDLM's clipped training window and its search (BD3-LM §4 with the sequence as one block):
-times inside the window, one block of BD3-LM equal to MDLM under the same window, the search run
-by the trainer, saved, restored on resume and shown by `ddlm info`; evaluation ignores it."""
+times inside the window, one block of BD3-LM equal to MDLM under the same window; evaluation
+ignores it. The search run by the trainer, saved, restored on resume and shown by `ddlm info` is
+tested with BD3-LM's (tests/test_bd3.py, test_window_is_saved_and_restored_on_resume[mdlm])."""
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 from conftest import tiny_transformer
 
-from ddlm.checkpoint import load_trainer_state
-from ddlm.config import make_config
 from ddlm.errors import ConfigError
-from ddlm.eval.run import checkpoint_info
 from ddlm.methods.bd3 import BD3, BD3Config
 from ddlm.methods.mdlm import MDLM, MDLMConfig
-from ddlm.train.loop import Trainer, train
 
 VOCAB, MASK_ID, EOS = 11, 10, 9
 
@@ -67,30 +62,3 @@ def test_window_options_are_checked_in_one_line():
         with pytest.raises(ConfigError) as err:
             MDLMConfig(**bad)
         assert "mdlm." in str(err.value) and "\n" not in str(err.value)
-
-
-TEXT = "the quick brown fox jumps over the lazy dog\n" * 300
-
-
-def test_the_search_runs_is_saved_restored_on_resume_and_shown(tmp_path, monkeypatch):
-    monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT)
-    run = make_config(base={
-        "method": "mdlm", "mdlm": {"search_every": 2, "search_batches": 2},
-        "model": {"dim": 32, "n_layers": 1, "n_heads": 2}, "data": {"corpus": str(corpus), "seq_len": 16},
-        "train": {"steps": 4, "batch_size": 4, "warmup_steps": 2, "log_every": 1, "eval_every": 0,
-                  "ckpt_every": 0, "progress": False, "dtype": "fp32", "threads": 1}})
-    full = train(run, tmp_path / "full", quiet=True)
-    part = train(run, tmp_path / "part", stop_after=2, quiet=True)
-    logged = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    searched = [r for r in logged if "mdlm_window" in r]
-    assert [r["step"] for r in searched] == [2] and len(searched[0]["mdlm_window_variance"]) == 63
-    window = searched[0]["mdlm_window"]
-    assert load_trainer_state(part.checkpoint)["method"] == {"window": window}
-    assert Trainer(run, tmp_path / "part", quiet=True).method.window == tuple(window)
-    rest = train(run, tmp_path / "part", quiet=True)
-    assert rest.resumed_from == 2 and rest.losses == full.losses[2:]
-    shown = checkpoint_info(tmp_path / "part")["mdlm_window"]
-    final = load_trainer_state(rest.checkpoint)["method"]["window"]
-    assert shown == f"t ~ U[{final[0]}, {final[1]}] (chosen by the search)"
