@@ -1,0 +1,93 @@
+"""The backbone's fused forms equal the textbook ones they replace (float64, values and gradients).
+
+  a. `RotaryQKV` (q and k rotated in place of the unfused rotate-half, with its own backward)
+     equals RoPE written independently as complex rotation: dims (j, j + hd/2) form the complex
+     number x_j + i x_{j+hd/2}, multiplied by exp(i p theta_j), theta_j = base^(-2j/hd)
+     (Su et al. 2021, eq. 34); its backward passes gradcheck.
+  b. With one modulation for every row (sigma None), the gated block folds shift/scale into the
+     LayerNorm and each gate into its branch's output layer: the same function and gradients as the
+     unfolded adaLN-zero block, which per-row sigma = 0 still runs; under bf16 autocast too.
+"""
+from __future__ import annotations
+
+import torch
+
+from ddlm.config import ModelConfig
+from ddlm.nn.transformer import RotaryQKV, Transformer
+
+BASE = 10000.0
+
+
+def complex_rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, hd) rotated at `positions` (L,), via complex multiplication."""
+    half = x.shape[-1] // 2
+    theta = BASE ** (-2 * torch.arange(half, dtype=torch.float64) / x.shape[-1])
+    angle = positions.double()[:, None] * theta  # (L, hd/2)
+    z = torch.complex(x[..., :half], x[..., half:]) * torch.polar(torch.ones_like(angle), angle)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def cos_sin(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    model = Transformer(ModelConfig(vocab_size=5, max_len=64, dim=2 * head_dim, n_layers=1, n_heads=2))
+    cos, sin = model.rotary.cos_sin(positions)
+    return cos.double(), sin.double()
+
+
+def test_rotary_qkv_is_complex_rotation():
+    torch.manual_seed(0)
+    B, L, H, hd = 2, 7, 3, 8
+    positions = torch.arange(5, 5 + L)
+    qkv = torch.randn(B, L, 3, H, hd, dtype=torch.float64)
+    q, k, v = RotaryQKV.apply(qkv, *cos_sin(positions, hd))
+    ref_q, ref_k, ref_v = qkv.permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(q, complex_rope(ref_q, positions), rtol=0, atol=1e-6)
+    torch.testing.assert_close(k, complex_rope(ref_k, positions), rtol=0, atol=1e-6)
+    assert torch.equal(v, ref_v)
+
+
+def test_rotary_qkv_gradient():
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 5, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    cos, sin = cos_sin(torch.arange(5), 4)
+    assert torch.autograd.gradcheck(lambda x: RotaryQKV.apply(x, cos, sin), (qkv,))
+
+
+def gated_model() -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=11, max_len=32, dim=32, n_layers=2, n_heads=2, block="gated"))
+    with torch.no_grad():  # move every zero-initialised modulation, gate and bias off zero
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def outputs_and_grads(model, x, sigma, **kw):
+    out = model(x, sigma=sigma, mask="bidirectional", **kw)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(),
+                                list(model.parameters()))
+    return out, grads
+
+
+def test_folded_modulation_equals_per_row_modulation():
+    model = gated_model().double()
+    x = torch.randint(0, 11, (3, 12))
+    for kw in ({}, {"logits_for": 5}):  # also with the last layer trimmed to the first positions
+        folded, folded_grads = outputs_and_grads(model, x, None, **kw)
+        per_row, per_row_grads = outputs_and_grads(model, x, torch.zeros(3, dtype=torch.float64), **kw)
+        torch.testing.assert_close(folded, per_row, rtol=1e-10, atol=1e-10)
+        for (name, _), a, b in zip(model.named_parameters(), folded_grads, per_row_grads):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@torch.no_grad()
+def test_folded_modulation_under_bf16_autocast():
+    """Under bf16 autocast the folded block runs and is as close to float32 as the unfolded one."""
+    model = gated_model()
+    x = torch.randint(0, 11, (3, 12))
+    ref = model(x, mask="bidirectional")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        folded = model(x, mask="bidirectional")
+        per_row = model(x, sigma=torch.zeros(3), mask="bidirectional")
+    assert folded.dtype == torch.float32
+    folded_error, per_row_error = (folded - ref).abs().mean(), (per_row - ref).abs().mean()
+    assert folded_error < 2 * per_row_error, (folded_error, per_row_error)
