@@ -4,6 +4,8 @@ ignores it. The search run by the trainer, saved, restored on resume and shown b
 tested with BD3-LM's (tests/test_bd3.py, test_window_is_saved_and_restored_on_resume[mdlm])."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_transformer
@@ -56,8 +58,31 @@ def test_one_block_of_bd3_is_mdlm_under_the_same_window():
     assert min(vb, key=vb.get) == "{:.2f}-{:.2f}".format(*plain.window)
 
 
+def var_inverse_t(a: float, b: float) -> float:
+    """Var(1/t) for t ~ U[a, b]: E[1/t^2] - E[1/t]^2."""
+    return (1 / a - 1 / b) / (b - a) - (math.log(b / a) / (b - a)) ** 2
+
+
+def test_search_variances_of_a_known_integrand():
+    """With the loss integrand replaced by the weight 1/t itself, a candidate's variance is
+    Var(1/t) for t ~ U[a, b], known in closed form: the search's pooled draws (times stratified over
+    the full window, each candidate keeping those inside it) recover it for every window away from
+    t = 0 (where 1/t is too heavy-tailed to check), and the search picks its argmin, (0.5, 1)."""
+    method = mdlm(search_draws=400)
+    method.window_nll = lambda model, x0, t, generator=None: (1 / t.reshape(-1, 1)).expand(x0.shape).float()
+    record = method.adapt(None, [symbols(16, 8, seed=s) for s in (4, 5)], generator=torch.Generator().manual_seed(0))
+    variances = record["mdlm_window_variance"]
+    assert len(variances) == 63
+    for key, value in variances.items():
+        a, b = map(float, key.split("-"))
+        if a >= 0.1:
+            assert value == pytest.approx(var_inverse_t(a, b), rel=0.1), key
+    assert method.window == (0.5, 1.0) == tuple(record["mdlm_window"])
+
+
 def test_window_options_are_checked_in_one_line():
     for bad in ({"clip_min": 0.6, "clip_max": 0.5}, {"search_every": -1}, {"search_batches": 0},
+                {"search_draws": 0},
                 {"discrete_steps": 8, "clip_min": 0.3}):
         with pytest.raises(ConfigError) as err:
             MDLMConfig(**bad)

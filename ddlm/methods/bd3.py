@@ -158,10 +158,10 @@ class BD3(MDLM):
     def window_candidates(self) -> list[tuple[float, float]]:
         return window_grid(self.block_size)
 
-    def window_nll(self, model, x0: torch.Tensor, generator=None) -> torch.Tensor:
+    def window_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
         if self.full_mask:
             return self.full_mask_nll(model, x0)
-        return super().window_nll(model, x0, generator)
+        return super().window_nll(model, x0, t, generator)
 
     # ---- sampling --------------------------------------------------------------------------
 

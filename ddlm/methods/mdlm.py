@@ -55,7 +55,10 @@ class MDLMConfig(NoiseConfig):
     search_every: int = 0
     """Every N training steps, choose the window with the lowest loss variance (0: keep it fixed)."""
     search_batches: int = 4
-    """Held-out batches the window search evaluates each window on."""
+    """Held-out batches the window search scores."""
+    search_draws: int = 8
+    """Times the search draws per held-out sequence (per block for BD3-LM), stratified over the
+    full window; a candidate window's variance is over the draws that fall inside it."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -73,6 +76,7 @@ class MDLMConfig(NoiseConfig):
              f"{name}.clip_min={self.clip_min}, clip_max={self.clip_max} need 0 <= min <= max <= 1"),
             (self.search_every >= 0, f"{name}.search_every={self.search_every} must be >= 0"),
             (self.search_batches >= 1, f"{name}.search_batches={self.search_batches} must be >= 1"),
+            (self.search_draws >= 1, f"{name}.search_draws={self.search_draws} must be >= 1"),
             (self.discrete_steps == 0 or ((self.clip_min, self.clip_max) == (0.0, 1.0) and not self.search_every),
              f"{name}.discrete_steps works only with the full window ({name}.clip_min=0, clip_max=1, no search)"),
         ]
@@ -215,32 +219,55 @@ class MDLM(DiffusionMethod):
     def window_candidates(self) -> list[tuple[float, float]]:
         return window_grid()
 
-    def window_nll(self, model, x0: torch.Tensor, generator=None) -> torch.Tensor:
-        """(B, L) training loss integrand at times drawn in the current window."""
-        B, L = x0.shape
-        t = time_per_position(self.training_times(B, L, generator=generator, device=x0.device), L)
-        return self.sampled_nll(model, x0, t, generator, dtype=torch.float32)
+    def window_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
+        """(B, L) training loss integrand at the training times t (B,) or (B, K)."""
+        return self.sampled_nll(model, x0, time_per_position(t, x0.shape[1]), generator, dtype=torch.float32)
 
     @torch.no_grad()
     def adapt(self, model, batches: list[torch.Tensor], generator=None) -> dict:
         """Choose the training window with the lowest variance of the loss per time group (per
         sequence; per block for BD3-LM), BD3-LM §4.
 
-        For each candidate window, every batch is scored at times drawn in that window; the
-        variance across the batch's B*K group losses is averaged over batches. The window with the
-        smallest average becomes `self.window`. Returns what to log."""
+        Every batch is scored `search_draws` times at times stratified over the full window, one
+        per time group. A time uniform on the full window and conditioned to fall in a candidate
+        window is uniform on that window, so a candidate's variance is the variance of the group
+        losses whose time fell inside it: every candidate is judged on the same draws, and the
+        search costs `search_draws` passes per batch for all 63 candidates. A candidate without
+        times (the full-mask window of L' = 1) is scored on its own; one that no two draws fell in
+        is left out. The window with the smallest variance becomes `self.window`. Returns what to
+        log."""
+        training_window = self.window
+        self.window = (0.0, 1.0)
+        times, losses = [], []
+        for x0 in batches:
+            for _ in range(self.cfg.search_draws):
+                t, loss = self.group_losses(model, x0, generator)
+                times.append(t)
+                losses.append(loss)
+        times, losses = torch.cat(times), torch.cat(losses)
         variances = {}
         for window in self.window_candidates():
-            self.window = window
-            total = 0.0
-            for x0 in batches:
-                B, L = x0.shape
-                nll = self.window_nll(model, x0, generator)
-                total += float(nll.view(B, self.time_groups(L), -1).mean(-1).var())
-            variances[f"{window[0]:.2f}-{window[1]:.2f}"] = total / len(batches)
-        best = min(variances, key=variances.get)
-        self.window = tuple(float(v) for v in best.split("-"))
+            if window[0] >= FULL_MASK:
+                self.window = window
+                loss = torch.cat([self.group_losses(model, x0, generator)[1] for x0 in batches])
+            else:
+                loss = losses[(times >= window[0]) & (times <= window[1])]
+            if len(loss) > 1:
+                variances[f"{window[0]:.2f}-{window[1]:.2f}"] = float(loss.var())
+        self.window = training_window
+        if variances:
+            best = min(variances, key=variances.get)
+            self.window = tuple(float(v) for v in best.split("-"))
         return {self.window_key: list(self.window), f"{self.window_key}_variance": variances}
+
+    def group_losses(self, model, x0: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B*K,) times and (B*K,) float64 losses of the K time groups of each sequence under the
+        current window: the mean over a group's positions of the weighted token loss."""
+        B, L = x0.shape
+        K = self.time_groups(L)
+        t = self.training_times(B, L, generator=generator, device=x0.device)
+        nll = self.window_nll(model, x0, t, generator)
+        return t.reshape(-1), nll.view(B, K, -1).mean(-1).reshape(-1).double()
 
     @property
     def window_key(self) -> str:
