@@ -281,7 +281,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(offset, offset + L, device=tokens.device)
         cos, sin = self.rotary.cos_sin(positions)
-        cond = self.conditioning(sigma, B, tokens.device)  # (B, K, cond_dim) or None
+        cond = self.conditioning(sigma, B, tokens.device)  # (B or 1, K, cond_dim) or None
         h = self.embed(tokens)  # (B, L, D)
         if embed_offset is not None:
             h = h + embed_offset.to(h.dtype)
@@ -303,7 +303,8 @@ class Transformer(nn.Module):
         return h if hidden else self.head(h).float()
 
     def conditioning(self, sigma: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
-        """SiLU(embed(sigma)) as (B, K, cond_dim); sigma None means 0; None when unconditioned."""
+        """SiLU(embed(sigma)) as (B, K, cond_dim); sigma None means 0 for every row, returned once
+        as (1, 1, cond_dim); None when unconditioned."""
         if self.noise_embed is None:
             return None
         if sigma is None:  # one conditioning vector for every row (the blocks fold it into weights)
