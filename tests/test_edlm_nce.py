@@ -3,7 +3,7 @@
 The chain (5 letters, char ids 1..5) lets each letter go to 2 of the 5 letters; the other 3
 transitions have probability EPS = 1e-3 ("rare"). Its exact log-likelihood scores any sequence, so
 samples can be judged against the truth. A small MDLM (dim 32, 2 layers, L = 32) is trained for
-300 steps (on purpose not to convergence), then EDLM with an NCE energy from it for 300 steps, as
+300 steps (on purpose not to convergence), then EDLM with an NCE energy from it for 600 steps, as
 `ddlm train --method edlm --edlm.energy nce --init MDLM` does (data and model inherited through
 `init_base`).
 
@@ -102,7 +102,7 @@ def chain_runs(tmp_path_factory):
         # inherited from the MDLM run, a frozen denoiser, an energy initialised from its weights
         edlm_run = make_config(base=init_base(mdlm.checkpoint, "edlm"), overrides={
             "edlm.energy": "nce", "train.init": str(mdlm.checkpoint),
-            **{f"train.{k}": str(v) for k, v in TRAIN.items()}, "train.steps": "300"})
+            **{f"train.{k}": str(v) for k, v in TRAIN.items()}, "train.steps": "600"})
         nce = train(edlm_run, tmp / "nce", quiet=True)
         M, N = load_for_inference(mdlm.out_dir), load_for_inference(nce.out_dir)
         _, data = prepare_data(N.run, N.tokenizer)
