@@ -140,9 +140,13 @@ def modulated_norm(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor,
 
 
 def gated_linear(layer: nn.Linear, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """gate * layer(x) for a gate (D_out,), as one linear map with the gate in its weight and bias."""
+    """gate * layer(x) for a gate (D_out,): with more tokens than input features (training), one
+    linear map with the gate in its weight and bias; with few (a sampler's block), scaling the
+    output is cheaper than scaling the weight."""
     if gate is None:
         return layer(x)
+    if x.numel() <= x.shape[-1] * layer.in_features:
+        return layer(x) * gate
     bias = None if layer.bias is None else layer.bias * gate
     return F.linear(x, layer.weight * gate[:, None], bias)
 
