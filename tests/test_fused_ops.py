@@ -7,13 +7,22 @@
   b. With one modulation for every row (sigma None), the gated block folds shift/scale into the
      LayerNorm and each gate into its branch's output layer: the same function and gradients as the
      unfolded adaLN-zero block, which per-row sigma = 0 still runs; under bf16 autocast too.
+  c. `logits_at` (the last block and the output layer computed only at the positions a loss reads)
+     equals the full pass indexed at those positions, in values and every parameter's gradient, for
+     the plain, folded and per-row blocks, with `logits_for`, and for an empty selection; MDLM's and
+     BD3-LM's losses through it equal the SUBS loss written out from the full logits.
 """
 from __future__ import annotations
 
 import torch
 
-from ddlm.config import ModelConfig
+import pytest
+
+from ddlm.config import ModelConfig, make_config
+from ddlm.methods.mdlm import subs_log_probs
 from ddlm.nn.transformer import RotaryQKV, Transformer
+from ddlm.build import build_method, complete_model_config
+from ddlm.data import build_tokenizer
 
 BASE = 10000.0
 
@@ -91,3 +100,80 @@ def test_folded_modulation_under_bf16_autocast():
     assert folded.dtype == torch.float32
     folded_error, per_row_error = (folded - ref).abs().mean(), (per_row - ref).abs().mean()
     assert folded_error < 2 * per_row_error, (folded_error, per_row_error)
+
+
+def rows_and_grads(model, x, at, **kw):
+    out = model(x, logits_at=at, **kw)
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum(),
+                                list(model.parameters()), allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("block,sigma", [("plain", None), ("gated", None), ("gated", "per_position")])
+def test_logits_at_equals_the_full_pass_at_those_positions(block, sigma):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=11, max_len=32, dim=32, n_layers=2, n_heads=2, block=block,
+                      time_conditioning=sigma is not None)
+    model = Transformer(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = torch.randint(0, 11, (3, 12))
+    s = None if sigma is None else torch.rand(3, 12, dtype=torch.float64)
+    for n in (None, 7):
+        at = torch.rand(3, n or 12) < 0.4
+        at[0] = False  # a row with nothing to score
+        for mask in ("bidirectional", "causal"):
+            kw = {"sigma": s, "mask": mask, "logits_for": n}
+            full = model(x, **kw)
+            rows, grads = rows_and_grads(model, x, at, **kw)
+            ref, ref_grads = rows_and_grads(model, x, None, **kw)
+            assert rows.shape == (int(at.sum()), 11)
+            torch.testing.assert_close(rows, full[at], rtol=1e-10, atol=1e-10)
+            ref_grads = torch.autograd.grad((full[at] * torch.linspace(-1, 1, 11, dtype=full.dtype)).sum(),
+                                            list(model.parameters()), allow_unused=True)
+            for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+                if b is None:
+                    assert a is None or not a.any(), name
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+    empty = model(x, logits_at=torch.zeros(3, 12, dtype=torch.bool))
+    assert empty.shape == (0, 11)
+
+
+@pytest.mark.parametrize("method", ["mdlm", "bd3"])
+def test_masked_rows_loss_equals_subs_loss_from_full_logits(method):
+    """The loss scores only masked positions; written out from the full (B, L, V) logits with SUBS
+    it is the same value and gradient."""
+    run = make_config(base={"method": method, "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
+                            "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 16},
+                            **({"bd3": {"block_size": 4}} if method == "bd3" else {})})
+    tokenizer = build_tokenizer("char")
+    m = build_method(run, tokenizer)
+    torch.manual_seed(1)
+    model = m.build_model(complete_model_config(run, m, tokenizer.vocab_size).model).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x0 = torch.randint(0, 28, (4, 16))
+    t = torch.tensor([0.2, 0.5, 0.7, 0.95], dtype=torch.float64)
+    zt = m.corrupt(x0, t[:, None], torch.Generator().manual_seed(0))
+    loss = m.token_loss(model, x0, zt, t[:, None], dtype=torch.float64)
+    logp = subs_log_probs(full_logits(m, model, zt, x0), zt, m.mask_id, dtype=torch.float64)
+    ref = -logp.gather(-1, x0[..., None]).squeeze(-1) / t[:, None] * (zt == m.mask_id)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref.sum(), params, allow_unused=True)
+    for a, b in zip(grads, ref_grads):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def full_logits(m, model, zt, x0):
+    """The method's backbone call with every position scored."""
+    if m.name == "mdlm":
+        return model(zt, mask="bidirectional")
+    L = zt.shape[1]
+    return model(torch.cat([zt, x0], 1), mask=m.training_mask(L, zt.device),
+                 positions=torch.arange(L).repeat(2), logits_for=L)

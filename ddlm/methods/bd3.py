@@ -31,7 +31,7 @@ import torch
 
 from ddlm.errors import ConfigError
 from ddlm.methods.base import LossOutput, register
-from ddlm.methods.mdlm import FULL_MASK, MDLM, MDLMConfig, subs_log_probs, window_grid
+from ddlm.methods.mdlm import FULL_MASK, MDLM, MDLMConfig, subs_at, window_grid
 from ddlm.nn.attention import block_diffusion_block_mask, block_diffusion_groups, flex_available
 
 
@@ -122,15 +122,15 @@ class BD3(MDLM):
 
     # ---- the one network call --------------------------------------------------------------
 
-    def log_x_theta(self, model, zt, t, *, x0=None, cache=None, dtype=torch.float32):
-        """log x_theta (B, L, V) under SUBS.
+    def log_x_theta(self, model, zt, t, *, x0=None, cache=None, at=None, dtype=torch.float32):
+        """log x_theta (B, L, V) under SUBS, or (N, V) at the positions `at` (B, L) marks.
 
         With x0 (training, evaluation): one pass over z_t (+) x_0 under the block-diffusion mask,
         the noise level (when time-conditioned) on the z_t half and 0 on the x_0 half. Without x0
         (sampling): z_t is the current block; the clean prefix comes from the KV cache (or the
         sampler's prefix-recomputing model), as for MDLM."""
         if x0 is None:
-            return super().log_x_theta(model, zt, t, cache=cache, dtype=dtype)
+            return super().log_x_theta(model, zt, t, cache=cache, at=at, dtype=dtype)
         B, L = zt.shape
         self.blocks(L)
         sigma = None
@@ -140,8 +140,8 @@ class BD3(MDLM):
         positions = torch.arange(L, device=zt.device).repeat(2)
         mask = self.training_mask(L, zt.device)
         logits = model(torch.cat([zt, x0], dim=1), sigma=sigma, mask=mask, positions=positions,
-                       logits_for=L)  # (B, L, V): the z_t half
-        return subs_log_probs(logits, zt, self.mask_id, dtype=dtype)
+                       logits_for=L, logits_at=at)  # (B, L, V): the z_t half, or its rows at `at`
+        return subs_at(logits, zt, at, self.mask_id, dtype=dtype)
 
     def training_mask(self, length: int, device: torch.device):
         """The (2L, 2L) mask of the vectorised pass: dense boolean (as query groups that skip the

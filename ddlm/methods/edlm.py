@@ -247,9 +247,9 @@ class EDLM(MDLM):
 
     # ---- the network calls -------------------------------------------------------------------
 
-    def log_x_theta(self, model, zt, t, *, x0=None, cache=None, dtype=torch.float32):
+    def log_x_theta(self, model, zt, t, *, x0=None, cache=None, at=None, dtype=torch.float32):
         """MDLM's SUBS denoiser, computed by the composite's frozen denoiser."""
-        return super().log_x_theta(denoiser_of(model), zt, t, x0=x0, cache=cache, dtype=dtype)
+        return super().log_x_theta(denoiser_of(model), zt, t, x0=x0, cache=cache, at=at, dtype=dtype)
 
     def energy(self, model, x0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor, *,
                log_q: torch.Tensor | None = None) -> torch.Tensor:

@@ -113,6 +113,18 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
     return torch.where((z != mask_id)[..., None], carry, logp)
 
 
+def subs_at(logits: torch.Tensor, z: torch.Tensor, at: torch.Tensor | None, mask_id: int, *,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SUBS of a network's logits: (B, L, V) for every position of z_t (B, L), or (N, V) for the
+    positions `at` (B, L) marks. A model may return every position even when asked for some
+    (exact test models, wrappers); they are selected here."""
+    if at is None:
+        return subs_log_probs(logits, z, mask_id, dtype=dtype)
+    if logits.dim() == 3:
+        logits = logits[at]
+    return subs_log_probs(logits, z[at], mask_id, dtype=dtype)
+
+
 @register
 class MDLM(DiffusionMethod):
     name = "mdlm"
@@ -179,22 +191,27 @@ class MDLM(DiffusionMethod):
     # ---- the one network call ------------------------------------------------------------
 
     def log_x_theta(self, model, zt: torch.Tensor, t: torch.Tensor, *, x0: torch.Tensor | None = None,
-                    cache=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    cache=None, at: torch.Tensor | None = None,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """log x_theta(z_t, t) (B, L, V) under SUBS; t (B, 1) or (B, L). The noise level reaches the
         backbone only when time-conditioned (else sigma = 0, so the output does not depend on t).
-        x0 is not used by MDLM (BD3-LM passes its clean prefix); cache is the backbone's KV cache."""
+        x0 is not used by MDLM (BD3-LM passes its clean prefix); cache is the backbone's KV cache;
+        at (B, L) bool asks only for the positions it marks, returned as (N, V) in row-major order
+        (the loss reads only masked positions, and the backbone then skips the others in its last
+        block)."""
         sigma = self.schedule.total_noise(t).float() if self.time_conditioned else None
-        logits = model(zt, sigma=sigma, mask="bidirectional", cache=cache)  # (B, L, V)
-        return subs_log_probs(logits, zt, self.mask_id, dtype=dtype)
+        logits = model(zt, sigma=sigma, mask="bidirectional", cache=cache, logits_at=at)
+        return subs_at(logits, zt, at, self.mask_id, dtype=dtype)
 
     def token_loss(self, model, x0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor, *,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, L): weight(t) * -log x_theta(z_t)[x0] at masked positions, exactly 0 elsewhere."""
-        logp = self.log_x_theta(model, zt, t, x0=x0, dtype=dtype)
-        nll = -logp.gather(-1, x0[..., None]).squeeze(-1)  # (B, L)
+        """(B, L): weight(t) * -log x_theta(z_t)[x0] at masked positions, exactly 0 elsewhere (where
+        SUBS carries the token over, so only masked positions are scored)."""
         masked = zt == self.mask_id
-        weight = self.loss_weight(t.to(torch.float64)).to(nll.dtype)  # (B, 1) or (B, L)
-        return torch.where(masked, weight * nll, torch.zeros_like(nll))
+        logp = self.log_x_theta(model, zt, t, x0=x0, at=masked, dtype=dtype)  # (N, V)
+        nll = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
+        weight = self.loss_weight(t.to(torch.float64)).expand(zt.shape)[masked].to(nll.dtype)
+        return torch.zeros(zt.shape, dtype=nll.dtype, device=zt.device).masked_scatter(masked, weight * nll)
 
     def sampled_nll(self, model, x0, t, generator=None, *, dtype=torch.float64) -> torch.Tensor:
         """(B, L) token_loss at z_t ~ q(z_t | x0), one t per sequence."""

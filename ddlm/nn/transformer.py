@@ -151,6 +151,11 @@ def gated_linear(layer: nn.Linear, x: torch.Tensor, gate: torch.Tensor | None) -
     return F.linear(x, layer.weight * gate[:, None], bias)
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x (B, n, D) -> its rows (N, D) of the flattened B * n positions; x itself when rows is None."""
+    return x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
+
+
 class Block(nn.Module):
     """Pre-norm attention + MLP, adaLN-modulated by a conditioning vector when it has one."""
 
@@ -170,36 +175,43 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: MaskSpec,
                 cond: torch.Tensor | None, cache: KVCache | None, cache_write: bool,
-                n_out: int | None = None) -> torch.Tensor:
+                n_out: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """h (B, L, D) -> (B, n_out or L, D): with n_out only the first n_out positions are
-        computed past the keys and values (the last block when only they are scored)."""
+        computed past the keys and values (the last block when only they are scored); with rows
+        (N,), indices into the flattened (B * n_out) positions, only those rows past the
+        attention, returned as (N, D) (the last block when only some positions are scored)."""
         n = h.shape[1] if n_out is None else n_out
         if self.modulation is not None:
             # (B or 1, 1 or L, D) each: shift/scale/gate of the attention and MLP branches
             mod = self.modulation(cond)
             if mod.shape[:2] == (1, 1):
-                return self._forward_constant(h, mod.view(6, -1), cos, sin, mask, cache, cache_write, n)
+                return self._forward_constant(h, mod.view(6, -1), cos, sin, mask, cache, cache_write, n, rows)
             s1, c1, g1, s2, c2, g2 = positions_of(mod, h.shape[1]).chunk(6, dim=-1)
             # addcmul(a, b, c) = a + b * c in one pass: modulate = shift + norm * (1 + scale)
-            y = self._attention(torch.addcmul(s1, self.norm1(h), 1 + c1), cos, sin, mask, cache, cache_write, n)
-            h = torch.addcmul(h[:, :n], g1[:, :n], y)
-            y = self._mlp(torch.addcmul(s2[:, :n], self.norm2(h), 1 + c2[:, :n]))
-            return torch.addcmul(h, g2[:, :n], y)
-        h = h[:, :n] + self._attention(self.norm1(h), cos, sin, mask, cache, cache_write, n)
+            y = self._attention(torch.addcmul(s1, self.norm1(h), 1 + c1), cos, sin, mask, cache, cache_write, n,
+                                rows=rows)
+            s2, c2, g1, g2 = (m[:, :n] if rows is None else take_rows(m[:, :n].expand(-1, n, -1), rows)
+                              for m in (s2, c2, g1, g2))
+            h = torch.addcmul(take_rows(h[:, :n], rows), g1, y)
+            y = self._mlp(torch.addcmul(s2, self.norm2(h), 1 + c2))
+            return torch.addcmul(h, g2, y)
+        h = take_rows(h[:, :n], rows) + self._attention(self.norm1(h), cos, sin, mask, cache, cache_write, n,
+                                                         rows=rows)
         return h + self._mlp(self.norm2(h))
 
-    def _forward_constant(self, h, mod, cos, sin, mask, cache, cache_write, n: int) -> torch.Tensor:
+    def _forward_constant(self, h, mod, cos, sin, mask, cache, cache_write, n: int,
+                          rows: torch.Tensor | None) -> torch.Tensor:
         """The block when one modulation (6, D) serves every row and position (the noise level not
         fed): the same function with the shift and scale as the LayerNorm's bias and weight and each
         gate scaling its branch's output layer, so that fused kernels do the work of the modulation."""
         s1, c1, g1, s2, c2, g2 = mod
         y = self._attention(modulated_norm(self.norm1, h, s1, c1), cos, sin, mask, cache, cache_write, n,
-                            gate=g1)
-        h = h[:, :n] + y
+                            gate=g1, rows=rows)
+        h = take_rows(h[:, :n], rows) + y
         return h + self._mlp(modulated_norm(self.norm2, h, s2, c2), gate=g2)
 
     def _attention(self, x, cos, sin, mask, cache, cache_write, n_out: int,
-                   gate: torch.Tensor | None = None) -> torch.Tensor:
+                   gate: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
         q, k, v = RotaryQKV.apply(self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads), cos, sin)
         if cache is not None:
@@ -208,7 +220,7 @@ class Block(nn.Module):
             q, mask = q[:, :, :n_out], first_queries(mask, n_out, L, k.shape[2], q.device)
         dropout = self.dropout if self.training else 0.0
         y = attend(q, k, v, mask, dropout)  # (B, H, n_out, hd)
-        y = gated_linear(self.proj, y.transpose(1, 2).reshape(B, n_out, D), gate)
+        y = gated_linear(self.proj, take_rows(y.transpose(1, 2).reshape(B, n_out, D), rows), gate)
         return F.dropout(y, dropout, self.training) if dropout else y
 
     def _mlp(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
@@ -273,13 +285,16 @@ class Transformer(nn.Module):
     def forward(self, tokens: torch.Tensor, *, sigma: torch.Tensor | None = None,
                 mask: MaskSpec = "causal", cache: KVCache | None = None, cache_write: bool = True,
                 positions: torch.Tensor | None = None, logits_for: int | None = None,
-                embed_offset: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, embed_offset: torch.Tensor | None = None,
+                hidden: bool = False) -> torch.Tensor:
         """tokens (B, L); sigma the noise level, (B,) or (B, K) with K | L (None: sigma = 0, the
         learned constant of a gated block); positions (L,) for RoPE (default: continue after the
-        cache); logits_for = n scores only the first n positions (BD3-LM's x_t half);
-        embed_offset (B, L, D) is added to the token embeddings (EDLM's energy marks masked
-        positions with it). Returns logits (B, L or n, V) float32, or with `hidden` the final
-        normalised states (B, L or n, D) that the output layer would read."""
+        cache); logits_for = n scores only the first n positions (BD3-LM's x_t half); logits_at
+        (B, n) bool scores only the positions it marks (a loss that reads only masked positions),
+        returned as (N, V) in row-major order, the last block computing only them past its keys
+        and values; embed_offset (B, L, D) is added to the token embeddings (EDLM's energy marks
+        masked positions with it). Returns logits (B, L or n, V) float32, or with `hidden` the
+        final normalised states (B, L or n, D) that the output layer would read."""
         B, L = tokens.shape
         offset = cache.length if cache is not None else 0
         if positions is None:
@@ -289,22 +304,33 @@ class Transformer(nn.Module):
         h = self.embed(tokens)  # (B, L, D)
         if embed_offset is not None:
             h = h + embed_offset.to(h.dtype)
+        rows = None if logits_at is None else logits_at.reshape(-1).nonzero().squeeze(1)
+        whole = hasattr(mask, "mask_mod")  # a FlexAttention mask is kept whole
         last = len(self.blocks) - 1
-        trim = None if hasattr(mask, "mask_mod") else logits_for  # a FlexAttention mask is kept whole
         for i, block in enumerate(self.blocks):
-            h = block(h, cos, sin, mask, cond, cache, cache_write, trim if i == last else None)
-        h = h[:, :logits_for] if logits_for is not None else h
-        if self.final_modulation is not None and cond.shape[:2] == (1, 1):
-            shift, scale = self.final_modulation(cond).view(2, -1)
-            h = modulated_norm(self.norm, h, shift, scale)
-        elif self.final_modulation is not None:
-            shift, scale = positions_of(self.final_modulation(cond), L)[:, :h.shape[1]].chunk(2, dim=-1)
-            h = torch.addcmul(shift, self.norm(h), 1 + scale)
-        else:
-            h = self.norm(h)
+            trim = i == last and not whole
+            h = block(h, cos, sin, mask, cond, cache, cache_write, logits_for if trim else None,
+                      rows if trim else None)
+        n = L if logits_for is None else logits_for
+        if whole:
+            h = take_rows(h[:, :n], rows)
+        h = self.final_norm(h, cond, L, n, rows)
         if cache is not None and cache_write:
             cache.advance(L)
         return h if hidden else self.head(h).float()
+
+    def final_norm(self, h: torch.Tensor, cond: torch.Tensor | None, L: int, n: int,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+        """The output layer's input: the final LayerNorm of h (B, n, D) or its rows (N, D),
+        modulated when the blocks are."""
+        if self.final_modulation is None:
+            return self.norm(h)
+        if cond.shape[:2] == (1, 1):
+            shift, scale = self.final_modulation(cond).view(2, -1)
+            return modulated_norm(self.norm, h, shift, scale)
+        mod = positions_of(self.final_modulation(cond), L)[:, :n]  # (B, 1 or n, 2D)
+        shift, scale = (mod if rows is None else take_rows(mod.expand(-1, n, -1), rows)).chunk(2, dim=-1)
+        return torch.addcmul(shift, self.norm(h), 1 + scale)
 
     def conditioning(self, sigma: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:
         """SiLU(embed(sigma)) as (B, K, cond_dim); sigma None means 0 for every row, returned once
