@@ -22,11 +22,15 @@ MFU = tokens/s x FLOPs per trained token / matmul FLOP/s of the same dtype, wher
 the best of square-ish GEMMs of widths 256, 512 and 1024 ((2048 x n) @ (n x n)). FLOPs per trained
 token, with N_b the matmul weights of the transformer blocks (4D^2 + 2 D hidden per layer), N_h = D V
 the output head, n layers, width D:
-  AR, MDLM, SEDD:  6 (N_b + N_h) + 12 n L D                (ddlm.eval.speed.train_flops_per_token:
+  AR, SEDD:        6 (N_b + N_h) + 12 n L D                (ddlm.eval.speed.train_flops_per_token:
                    forward + backward of every weight, PaLM's attention count, causal not discounted)
+  MDLM:            the same, except that the last layer's attention output and MLP and the head run
+                   only on the masked positions the loss reads (`logits_at`): half of them on
+                   average (the mask rate is t ~ U[0, 1] under the default log-linear schedule)
   BD3-LM:          the work its vectorised pass needs, per trained token: qkv over the 2L tokens of
                    x_t (+) x_0 in every layer; attention output + MLP over 2L tokens in all but the
-                   last layer and over the L scored ones in the last (`logits_for`); the head on L;
+                   last layer and, in the last, over the masked half of the L noisy ones
+                   (`logits_for`, `logits_at`); the head on those;
                    attention scores (PaLM's 12 D per query-key pair) for L noisy queries over 2L
                    keys and L clean queries over the L clean keys (clean queries never see noisy
                    keys, so that quarter is not computed), the last layer's noisy queries only.
@@ -95,11 +99,22 @@ def block_weights(cfg) -> tuple[int, int, int]:
     return 3 * D * D, D * D + 2 * D * int(cfg.mlp_ratio * D), D * cfg.vocab_size
 
 
+MASKED_SHARE = 0.5  # the expected share of masked positions, E[t] for t ~ U[0, 1] (log-linear)
+
+
+def mdlm_train_flops_per_token(cfg, seq_len: int) -> float:
+    """FLOPs per trained token of MDLM's step (module docstring)."""
+    D, n, L = cfg.dim, cfg.n_layers, seq_len
+    qkv, rest, head = block_weights(cfg)
+    weights = 6.0 * (n * qkv + (n - 1) * rest + MASKED_SHARE * (rest + head))
+    return weights + 12.0 * n * L * D
+
+
 def bd3_train_flops_per_token(cfg, seq_len: int) -> float:
     """FLOPs per trained token of BD3-LM's vectorised step (module docstring)."""
     D, n, L = cfg.dim, cfg.n_layers, seq_len
     qkv, rest, head = block_weights(cfg)
-    weights = 6.0 * (2 * n * qkv + 2 * (n - 1) * rest + rest + head)
+    weights = 6.0 * (2 * n * qkv + 2 * (n - 1) * rest + MASKED_SHARE * (rest + head))
     attention = 12.0 * D * ((n - 1) * 3 * L + 2 * L)
     return weights + attention
 
@@ -141,6 +156,8 @@ def time_steps(method: str, size: str, dtype: str, steps: int, compile_: bool, b
     seconds = statistics.median(times)
     if name == "bd3":
         flops = bd3_train_flops_per_token(trainer.run.model, run.data.seq_len)
+    elif name == "mdlm":
+        flops = mdlm_train_flops_per_token(trainer.run.model, run.data.seq_len)
     else:
         flops = train_flops_per_token(trainer.run.model, run.data.seq_len)
     row = {"method": name, "size": size, "dtype": dtype, "compile": compile_, "block": run.model.block,
@@ -235,7 +252,7 @@ def print_table(rows: list[dict], peaks: dict) -> None:
     print("L_blk: BD3-LM block size L'. tok/s: trained (scored) tokens, batch x L per step; BD3's step "
           "runs the backbone over 2L tokens (x_t (+) x_0).")
     print("MFU: tok/s x FLOPs per trained token / the matmul peak; BD3 counts the work of its 2L-token "
-          "pass (see the module docstring).")
+          "pass, MDLM and BD3 the last layer and head on masked positions only (see the module docstring).")
     print("vs bd3lms: quoted public-code tok/s at small/fp32/L=256/batch 8 (AR, MDLM: reference CPU; "
           "BD3: Intel Xeon), not measured on this machine.")
     print(HEADER)
