@@ -10,7 +10,8 @@
   c. `logits_at` (the last block and the output layer computed only at the positions a loss reads)
      equals the full pass indexed at those positions, in values and every parameter's gradient, for
      the plain, folded and per-row blocks, with `logits_for`, and for an empty selection; MDLM's and
-     BD3-LM's losses through it equal the SUBS loss written out from the full logits.
+     BD3-LM's losses through it equal the SUBS loss written out from the full logits, and so does
+     the samplers' denoiser (MDLM, and BD3-LM's block with its prefix cached or recomputed).
 """
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from ddlm.config import ModelConfig, make_config
 from ddlm.methods.mdlm import subs_log_probs
 from ddlm.nn.transformer import RotaryQKV, Transformer
 from ddlm.build import build_method, complete_model_config
+from ddlm.config import SampleConfig
 from ddlm.data import build_tokenizer
+from ddlm.sampling.block import PrefixModel
 
 BASE = 10000.0
 
@@ -168,6 +171,42 @@ def test_masked_rows_loss_equals_subs_loss_from_full_logits(method):
     for a, b in zip(grads, ref_grads):
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def perturbed(run):
+    """The run's method and its float64 model with every parameter moved off its initial value."""
+    tokenizer = build_tokenizer("char")
+    m = build_method(run, tokenizer)
+    torch.manual_seed(1)
+    model = m.build_model(complete_model_config(run, m, tokenizer.vocab_size).model).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m, model
+
+
+@pytest.mark.parametrize("where", ["mdlm", "bd3 cached", "bd3 recomputed"])
+@torch.no_grad()
+def test_sampler_denoiser_equals_subs_of_full_logits(where):
+    """The samplers ask the network for MASK positions only and carry the others over; the result
+    is SUBS of the full pass at every position."""
+    method = where.split()[0]
+    run = make_config(base={"method": method, "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
+                            "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 16},
+                            **({"bd3": {"block_size": 4}} if method == "bd3" else {})})
+    m, model = perturbed(run)
+    sampler = m.sampler(SampleConfig())
+    sampler = getattr(sampler, "inner", sampler)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randint(0, 28, (3, 4 if method == "bd3" else 16), generator=g)
+    z[torch.rand(z.shape, generator=g) < 0.5] = m.mask_id
+    z[0] = m.mask_id
+    if method == "bd3":
+        prefix = torch.randint(0, 28, (3, 8), generator=g)
+        model = PrefixModel(model, 4, prefix, use_cache=where.endswith("cached"))
+    got = sampler.denoiser(model, z, 0.6)
+    ref = subs_log_probs(model(z, mask="bidirectional"), z, m.mask_id, dtype=torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
 def full_logits(m, model, zt, x0):

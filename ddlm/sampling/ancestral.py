@@ -19,6 +19,15 @@ import torch
 from ddlm.sampling.base import Sampler, filter_logits, gumbel_argmax, uniform
 
 
+def carried_over(rows: torch.Tensor, z: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) log x_theta from its rows (N, V) at the MASK positions `at` (B, L): elsewhere SUBS's
+    carry-over, a one-hot on z's own token (the network is asked only for the MASK positions)."""
+    out = torch.full((*z.shape, rows.shape[-1]), float("-inf"), dtype=rows.dtype, device=rows.device)
+    out.scatter_(-1, z[..., None], 0.0)
+    out[at] = rows
+    return out
+
+
 class MaskedSampler(Sampler):
     """Shared parts: the denoiser call and the two halves of a reverse step."""
 
@@ -29,8 +38,9 @@ class MaskedSampler(Sampler):
     def denoiser(self, model, z: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """log x_theta(z_t) (B, L, V) float64 for sampling; t scalar or (B,)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])[:, None]
-        logp = self.method.log_x_theta(model, z, t, dtype=torch.float64)  # (B, L, V)
-        masked = (z == self.method.mask_id)[..., None]
+        at = z == self.method.mask_id
+        logp = carried_over(self.method.log_x_theta(model, z, t, at=at, dtype=torch.float64), z, at)
+        masked = at[..., None]
         if self.banned:
             cut = logp.clone()
             cut[..., list(self.banned)] = float("-inf")

@@ -52,10 +52,13 @@ class PrefixModel:
         if sigma is not None:  # the clean prefix has noise level 0
             sigma = torch.cat([torch.zeros_like(sigma[:, :1]).expand(-1, P),
                                sigma.reshape(sigma.shape[0], -1).expand(-1, N)], dim=1)
+        at = kw.pop("logits_at", None)  # (B, N): positions of the block; none of the prefix
+        if at is not None:
+            at = torch.cat([at.new_zeros(at.shape[0], P), at], dim=1)
         mask = prefix_block_mask(P, N, self.block_size, device=tokens.device)
         logits = self.model(torch.cat([self.prefix, tokens], dim=1), sigma=sigma, mask=mask,
-                            positions=torch.arange(P + N, device=tokens.device), **kw)
-        return logits[:, P:]
+                            positions=torch.arange(P + N, device=tokens.device), logits_at=at, **kw)
+        return logits[:, P:] if logits.dim() == 3 else logits  # all positions, or the rows at `at`
 
     def append(self, block: torch.Tensor) -> None:
         """Add clean tokens (whole blocks) after the prefix; with the cache, one pass writes their
