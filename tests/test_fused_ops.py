@@ -148,16 +148,7 @@ def test_logits_at_equals_the_full_pass_at_those_positions(block, sigma):
 def test_masked_rows_loss_equals_subs_loss_from_full_logits(method):
     """The loss scores only masked positions; written out from the full (B, L, V) logits with SUBS
     it is the same value and gradient."""
-    run = make_config(base={"method": method, "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
-                            "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 16},
-                            **({"bd3": {"block_size": 4}} if method == "bd3" else {})})
-    tokenizer = build_tokenizer("char")
-    m = build_method(run, tokenizer)
-    torch.manual_seed(1)
-    model = m.build_model(complete_model_config(run, m, tokenizer.vocab_size).model).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    m, model = perturbed(method)
     x0 = torch.randint(0, 28, (4, 16))
     t = torch.tensor([0.2, 0.5, 0.7, 0.95], dtype=torch.float64)
     zt = m.corrupt(x0, t[:, None], torch.Generator().manual_seed(0))
@@ -173,8 +164,12 @@ def test_masked_rows_loss_equals_subs_loss_from_full_logits(method):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def perturbed(run):
-    """The run's method and its float64 model with every parameter moved off its initial value."""
+def perturbed(method: str):
+    """A tiny char run's method (BD3-LM: L' = 4) and its float64 model, every parameter moved off
+    its initial value."""
+    run = make_config(base={"method": method, "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
+                            "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 16},
+                            **({"bd3": {"block_size": 4}} if method == "bd3" else {})})
     tokenizer = build_tokenizer("char")
     m = build_method(run, tokenizer)
     torch.manual_seed(1)
@@ -191,10 +186,7 @@ def test_sampler_denoiser_equals_subs_of_full_logits(where):
     """The samplers ask the network for MASK positions only and carry the others over; the result
     is SUBS of the full pass at every position."""
     method = where.split()[0]
-    run = make_config(base={"method": method, "model": {"dim": 32, "n_layers": 2, "n_heads": 2},
-                            "data": {"corpus": "austen", "tokenizer": "char", "seq_len": 16},
-                            **({"bd3": {"block_size": 4}} if method == "bd3" else {})})
-    m, model = perturbed(run)
+    m, model = perturbed(method)
     sampler = m.sampler(SampleConfig())
     sampler = getattr(sampler, "inner", sampler)
     g = torch.Generator().manual_seed(0)
