@@ -1,13 +1,14 @@
 """ddlm's side of the MDLM comparison with the public bd3lms code (issue [3 of 9]).
 
-    python benchmarks/mdlm_reference.py [--steps 1500] [--blocks gated,plain] [--out benchmarks/results]
+    python benchmarks/mdlm_reference.py [--steps 1500] [--blocks gated,plain] [--seeds 0,1,2,3] [--out benchmarks/results]
 
 Configuration of the comparison: embedded Austen, char tokenizer, d=256, 4 layers, 4 heads, L=128,
 batch 16, AdamW lr 1e-3 (β2 0.95, 50 warm-up steps, cosine to 10%), EMA 0.99, no time
 conditioning; the validation NELBO (the first 16 batches of the validation split, one stratified
 t per sequence) at steps 250, 500, 750, ... `--set KEY=VALUE` changes a setting for every row.
-Runs go to runs/mdlm_reference/BLOCK and are resumed when present. Writes NAME.json and NAME.png
-(validation bound vs step).
+Runs go to runs/mdlm_reference/BLOCK (BLOCK_seedS for training seed S > 0) and are resumed when
+present. Writes NAME.json and NAME.png (validation bound vs step); with several seeds also the mean
+and standard deviation over them at every step (`over_seeds`).
 
 The public code's curves are drawn beside ddlm's: the figures quoted in the issue, and those in
 benchmarks/results/mdlm_public_same_machine.json, measured by running the public code itself (not
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -35,6 +37,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--blocks", default="gated", help="comma-separated model.block values")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (train.seed)")
     p.add_argument("--runs", default="runs/mdlm_reference")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -42,23 +45,29 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batches", type=int, default=16)
     p.add_argument("--name", default="mdlm_reference", help="results file stem")
     args = p.parse_args(argv)
+    seeds = [int(x) for x in args.seeds.split(",")]
     overrides = {"train.steps": str(args.steps), "train.eval_every": "250",
                  "train.eval_batches": str(args.eval_batches), "train.ckpt_every": "500",
                  "train.progress": "false", **parse_overrides([f"--{kv}" for kv in args.set])}
     rows, curves = {}, {}
     for block in args.blocks.split(","):
-        run = make_config(base={**CHAR_QUICKSTART, "method": "mdlm"},
-                          overrides={**overrides, "model.block": block})
-        result = train(run, Path(args.runs) / block, quiet=True)
-        steps, bpc, err = validation_curve(result.out_dir)
-        curves[f"ddlm MDLM ({block})"] = result.out_dir
-        rows[block] = {"steps": steps, "valid_bpc": bpc, "stderr": err,
-                       "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
+        for seed in seeds:
+            key = block if seed == 0 else f"{block} seed {seed}"
+            run = make_config(base={**CHAR_QUICKSTART, "method": "mdlm"},
+                              overrides={**overrides, "model.block": block,
+                                         **({"train.seed": str(seed)} if seed else {})})
+            result = train(run, Path(args.runs) / key.replace(" seed ", "_seed"), quiet=True)
+            steps, bpc, err = validation_curve(result.out_dir)
+            curves[f"ddlm MDLM ({key})"] = result.out_dir
+            rows[key] = {"seed": seed, "steps": steps, "valid_bpc": bpc, "stderr": err,
+                         "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
     report = {"benchmark": "mdlm_reference", "cpu": cpu_model(), "machine": platform.machine(),
               "config": {"data": CHAR_QUICKSTART["data"], "model": CHAR_QUICKSTART["model"],
                          "train": {**CHAR_QUICKSTART["train"], "steps": args.steps},
                          "overrides": overrides},
               "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm": rows}
+    if len(seeds) > 1:
+        report["over_seeds"] = over_seeds(rows, args.blocks.split(","))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
@@ -66,16 +75,36 @@ def main(argv=None) -> int:
     points.update(public_same_machine())
     plot_validation_curves(curves, out_dir / f"{args.name}.png", points=points,
                            title="MDLM validation bound: ddlm vs public bd3lms (Austen char, d256x4, L=128)")
-    print(f"{'step':>6}  {'public bd3lms':>13}  " + "  ".join(f"{'ddlm ' + b:>12}" for b in rows))
+    print_table(rows, report.get("over_seeds", {}))
+    print(f"wrote {out_dir / f'{args.name}.json'} ({report['cpu']})")
+    return 0
+
+
+def over_seeds(rows: dict, blocks: list[str]) -> dict:
+    """block -> step -> mean and sample standard deviation of the bound over the seeds' runs."""
+    summary = {}
+    for block in blocks:
+        runs = [r for key, r in rows.items() if key.split(" seed ")[0] == block]
+        summary[block] = {}
+        for i, step in enumerate(runs[0]["steps"]):
+            values = [r["valid_bpc"][i] for r in runs if i < len(r["valid_bpc"])]
+            summary[block][step] = {"mean": statistics.mean(values), "sd": statistics.stdev(values),
+                                    "seeds": len(values)}
+    return summary
+
+
+def print_table(rows: dict, summary: dict) -> None:
+    """Step by step: the quoted public figure, each row's bound, and the mean ± sd over seeds."""
+    means = {f"{b} mean ± sd": s for b, s in summary.items()}
+    print(f"{'step':>6}  {'public bd3lms':>13}  " + "  ".join(f"{'ddlm ' + k:>16}" for k in [*rows, *means]))
     all_steps = sorted(set(PUBLIC_BD3LMS_MDLM) | {s for r in rows.values() for s in r["steps"]})
     for step in all_steps:
         public = PUBLIC_BD3LMS_MDLM.get(step)
-        cells = []
-        for r in rows.values():
-            cells.append(f"{r['valid_bpc'][r['steps'].index(step)]:>12.3f}" if step in r["steps"] else " " * 12)
+        cells = [f"{r['valid_bpc'][r['steps'].index(step)]:>16.3f}" if step in r["steps"] else " " * 16
+                 for r in rows.values()]
+        cells += [f"{m[step]['mean']:>9.3f} ± {m[step]['sd']:.3f}" if step in m else " " * 16
+                  for m in means.values()]
         print(f"{step:>6}  {public if public else '':>13}  " + "  ".join(cells))
-    print(f"wrote {out_dir / f'{args.name}.json'} ({report['cpu']})")
-    return 0
 
 
 def public_same_machine() -> dict[str, tuple[list[int], list[float]]]:
