@@ -99,6 +99,22 @@ def window_grid(block_size: int = 0) -> list[tuple[float, float]]:
     return out + ([(FULL_MASK, FULL_MASK)] if block_size == 1 else [])
 
 
+def masked_log_softmax(logits: torch.Tensor, mask_id: int, *,
+                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """SUBS at a MASK position (paper §3.2.3, zero masking probability): the log-softmax of the
+    logits (..., V) with the MASK column at -inf, in `dtype` (at least float32: logits are upcast)."""
+    logits = logits.to(torch.promote_types(logits.dtype, dtype)).clone()
+    logits[..., mask_id] = float("-inf")
+    return torch.log_softmax(logits, dim=-1)
+
+
+def carried_over(z: torch.Tensor, vocab: int, dtype: torch.dtype) -> torch.Tensor:
+    """SUBS at an unmasked position (carry-over unmasking): (B, L, V) the log of a one-hot on z's
+    own token."""
+    out = torch.full((*z.shape, vocab), float("-inf"), dtype=dtype, device=z.device)
+    return out.scatter_(-1, z[..., None], 0.0)
+
+
 def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """SUBS (paper §3.2.3): logits (B, L, V) and z_t (B, L) -> log x_theta(z_t) (B, L, V).
@@ -106,23 +122,18 @@ def subs_log_probs(logits: torch.Tensor, z: torch.Tensor, mask_id: int, *,
     Computed in `dtype` (at least float32: logits are upcast before the log-softmax). The MASK
     column is -inf everywhere; an unmasked position is the log of a one-hot on its own token.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, dtype)).clone()
-    logits[..., mask_id] = float("-inf")
-    logp = torch.log_softmax(logits, dim=-1)  # (B, L, V)
-    carry = torch.full_like(logp, float("-inf")).scatter_(-1, z[..., None], 0.0)
-    return torch.where((z != mask_id)[..., None], carry, logp)
+    logp = masked_log_softmax(logits, mask_id, dtype=dtype)  # (B, L, V)
+    return torch.where((z != mask_id)[..., None], carried_over(z, logp.shape[-1], logp.dtype), logp)
 
 
 def subs_at(logits: torch.Tensor, z: torch.Tensor, at: torch.Tensor | None, mask_id: int, *,
             dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """SUBS of a network's logits: (B, L, V) for every position of z_t (B, L), or (N, V) for the
-    positions `at` (B, L) marks. A model may return every position even when asked for some
-    (exact test models, wrappers); they are selected here."""
+    MASK positions `at` (B, L) marks (it must mark only MASK positions). A model may return every
+    position even when asked for some (exact test models, wrappers); they are selected here."""
     if at is None:
         return subs_log_probs(logits, z, mask_id, dtype=dtype)
-    if logits.dim() == 3:
-        logits = logits[at]
-    return subs_log_probs(logits, z[at], mask_id, dtype=dtype)
+    return masked_log_softmax(logits[at] if logits.dim() == 3 else logits, mask_id, dtype=dtype)
 
 
 @register
@@ -196,9 +207,9 @@ class MDLM(DiffusionMethod):
         """log x_theta(z_t, t) (B, L, V) under SUBS; t (B, 1) or (B, L). The noise level reaches the
         backbone only when time-conditioned (else sigma = 0, so the output does not depend on t).
         x0 is not used by MDLM (BD3-LM passes its clean prefix); cache is the backbone's KV cache;
-        at (B, L) bool asks only for the positions it marks, returned as (N, V) in row-major order
-        (the loss reads only masked positions, and the backbone then skips the others in its last
-        block)."""
+        at (B, L) bool, marking MASK positions only, asks for those alone, returned as (N, V) in
+        row-major order (the loss and the samplers read only masked positions, and the backbone
+        then skips the others in its last block; `fill_unmasked` completes them to (B, L, V))."""
         sigma = self.schedule.total_noise(t).float() if self.time_conditioned else None
         logits = model(zt, sigma=sigma, mask="bidirectional", cache=cache, logits_at=at)
         return subs_at(logits, zt, at, self.mask_id, dtype=dtype)
@@ -212,6 +223,13 @@ class MDLM(DiffusionMethod):
         nll = -logp.gather(-1, x0[masked][:, None]).squeeze(-1)  # (N,)
         weight = self.loss_weight(t.to(torch.float64)).expand(zt.shape)[masked].to(nll.dtype)
         return torch.zeros(zt.shape, dtype=nll.dtype, device=zt.device).masked_scatter(masked, weight * nll)
+
+    def fill_unmasked(self, rows: torch.Tensor, z: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) log x_theta from log_x_theta's rows (N, V) at the MASK positions `at`: the
+        carry-over one-hot everywhere else, as the full pass gives it."""
+        out = carried_over(z, rows.shape[-1], rows.dtype)
+        out[at] = rows
+        return out
 
     def sampled_nll(self, model, x0, t, generator=None, *, dtype=torch.float64) -> torch.Tensor:
         """(B, L) token_loss at z_t ~ q(z_t | x0), one t per sequence."""

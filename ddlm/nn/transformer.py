@@ -156,6 +156,13 @@ def take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
 
 
+def modulation_rows(mod: torch.Tensor, n: int, rows: torch.Tensor | None) -> torch.Tensor:
+    """A per-row modulation (B, 1 or >= n, D) for the first n positions: (B, 1 or n, D), or its
+    rows (N, D) of the flattened B * n positions."""
+    mod = mod[:, :n]
+    return mod if rows is None else take_rows(mod.expand(-1, n, -1), rows)
+
+
 class Block(nn.Module):
     """Pre-norm attention + MLP, adaLN-modulated by a conditioning vector when it has one."""
 
@@ -190,8 +197,7 @@ class Block(nn.Module):
             # addcmul(a, b, c) = a + b * c in one pass: modulate = shift + norm * (1 + scale)
             y = self._attention(torch.addcmul(s1, self.norm1(h), 1 + c1), cos, sin, mask, cache, cache_write, n,
                                 rows=rows)
-            s2, c2, g1, g2 = (m[:, :n] if rows is None else take_rows(m[:, :n].expand(-1, n, -1), rows)
-                              for m in (s2, c2, g1, g2))
+            s2, c2, g1, g2 = (modulation_rows(m, n, rows) for m in (s2, c2, g1, g2))
             h = torch.addcmul(take_rows(h[:, :n], rows), g1, y)
             y = self._mlp(torch.addcmul(s2, self.norm2(h), 1 + c2))
             return torch.addcmul(h, g2, y)
@@ -328,8 +334,7 @@ class Transformer(nn.Module):
         if cond.shape[:2] == (1, 1):
             shift, scale = self.final_modulation(cond).view(2, -1)
             return modulated_norm(self.norm, h, shift, scale)
-        mod = positions_of(self.final_modulation(cond), L)[:, :n]  # (B, 1 or n, 2D)
-        shift, scale = (mod if rows is None else take_rows(mod.expand(-1, n, -1), rows)).chunk(2, dim=-1)
+        shift, scale = modulation_rows(positions_of(self.final_modulation(cond), L), n, rows).chunk(2, dim=-1)
         return torch.addcmul(shift, self.norm(h), 1 + scale)
 
     def conditioning(self, sigma: torch.Tensor | None, batch: int, device) -> torch.Tensor | None:

@@ -19,15 +19,6 @@ import torch
 from ddlm.sampling.base import Sampler, filter_logits, gumbel_argmax, uniform
 
 
-def carried_over(rows: torch.Tensor, z: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
-    """(B, L, V) log x_theta from its rows (N, V) at the MASK positions `at` (B, L): elsewhere SUBS's
-    carry-over, a one-hot on z's own token (the network is asked only for the MASK positions)."""
-    out = torch.full((*z.shape, rows.shape[-1]), float("-inf"), dtype=rows.dtype, device=rows.device)
-    out.scatter_(-1, z[..., None], 0.0)
-    out[at] = rows
-    return out
-
-
 class MaskedSampler(Sampler):
     """Shared parts: the denoiser call and the two halves of a reverse step."""
 
@@ -39,7 +30,8 @@ class MaskedSampler(Sampler):
         """log x_theta(z_t) (B, L, V) float64 for sampling; t scalar or (B,)."""
         t = torch.as_tensor(t, dtype=torch.float64, device=z.device).expand(z.shape[0])[:, None]
         at = z == self.method.mask_id
-        logp = carried_over(self.method.log_x_theta(model, z, t, at=at, dtype=torch.float64), z, at)
+        rows = self.method.log_x_theta(model, z, t, at=at, dtype=torch.float64)  # (N, V)
+        logp = self.method.fill_unmasked(rows, z, at)  # (B, L, V)
         masked = at[..., None]
         if self.banned:
             cut = logp.clone()
