@@ -3,16 +3,19 @@
     python benchmarks/mdlm_reference.py [--steps 1500] [--blocks gated,plain] [--seeds 0,1,2,3] [--out benchmarks/results]
 
 Configuration of the comparison: embedded Austen, char tokenizer, d=256, 4 layers, 4 heads, L=128,
-batch 16, AdamW lr 1e-3 (β2 0.95, 50 warm-up steps, cosine to 10%), EMA 0.99, no time
-conditioning; the validation NELBO (the first 16 batches of the validation split, one stratified
-t per sequence) at steps 250, 500, 750, ... `--set KEY=VALUE` changes a setting for every row.
+batch 16, AdamW lr 1e-3 (β2 0.95, 50 warm-up steps, then constant: the public code's schedule),
+EMA 0.99, no time conditioning; the validation NELBO (the first 16 batches of the validation split,
+one stratified t per sequence) at steps 250, 500, 750, ... `--set KEY=VALUE` changes a setting for
+every row (`--set train.min_lr_ratio=0.1`: ddlm's default cosine decay to 10% instead).
 Runs go to runs/mdlm_reference/BLOCK (BLOCK_seedS for training seed S > 0) and are resumed when
 present. Writes NAME.json and NAME.png (validation bound vs step); with several seeds also the mean
 and standard deviation over them at every step (`over_seeds`).
 
 The public code's curves are drawn beside ddlm's: the figures quoted in the issue, and those in
 benchmarks/results/mdlm_public_same_machine.json, measured by running the public code itself (not
-part of this repository) on the same machine, tokens and validation sequences.
+part of this repository) on the same machine, tokens and validation sequences. With the plain block
+among the rows, the issue's figures for ddlm's plain block are drawn too, to check that the issue's
+measurements reproduce here.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ from ddlm.runtime import cpu_model
 from ddlm.train.loop import train
 
 PUBLIC_BD3LMS_MDLM = {250: 3.44, 500: 3.13, 750: 2.96, 1500: 2.71}  # quoted in issue [3 of 9]
+# ddlm's MDLM with the plain block, quoted in the same issue from the same side-by-side runs: rerunning
+# `--blocks plain` checks that this machine and code reproduce the issue's measurements on ddlm's side.
+DDLM_PLAIN_QUOTED = {250: 3.75, 500: 3.37, 750: 3.21, 1500: 3.01}
 PUBLIC_SAME_MACHINE = Path(__file__).parent / "results" / "mdlm_public_same_machine.json"
 
 
@@ -46,7 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="mdlm_reference", help="results file stem")
     args = p.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",")]
-    overrides = {"train.steps": str(args.steps), "train.eval_every": "250",
+    # min_lr_ratio 1: the learning rate stays at lr after the warm-up, as in the public code
+    overrides = {"train.steps": str(args.steps), "train.min_lr_ratio": "1.0", "train.eval_every": "250",
                  "train.eval_batches": str(args.eval_batches), "train.ckpt_every": "500",
                  "train.progress": "false", **parse_overrides([f"--{kv}" for kv in args.set])}
     rows, curves = {}, {}
@@ -65,15 +72,22 @@ def main(argv=None) -> int:
               "config": {"data": CHAR_QUICKSTART["data"], "model": CHAR_QUICKSTART["model"],
                          "train": {**CHAR_QUICKSTART["train"], "steps": args.steps},
                          "overrides": overrides},
-              "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm": rows}
+              "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm_plain_quoted": DDLM_PLAIN_QUOTED, "ddlm": rows}
     if len(seeds) > 1:
         report["over_seeds"] = over_seeds(rows, args.blocks.split(","))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     points = {"public bd3lms, quoted in the issue": (list(PUBLIC_BD3LMS_MDLM), list(PUBLIC_BD3LMS_MDLM.values()))}
+    if "plain" in args.blocks.split(","):
+        points["ddlm MDLM (plain), quoted in the issue"] = (list(DDLM_PLAIN_QUOTED), list(DDLM_PLAIN_QUOTED.values()))
     points.update(public_same_machine())
-    plot_validation_curves(curves, out_dir / f"{args.name}.png", points=points,
+    bands = {}
+    for block, by_step in report.get("over_seeds", {}).items():  # several seeds: their mean ± sd only
+        steps = sorted(by_step)
+        bands[f"ddlm MDLM ({block}), mean ± sd of {len(seeds)} seeds"] = (
+            steps, [by_step[s]["mean"] for s in steps], [by_step[s]["sd"] for s in steps])
+    plot_validation_curves({} if bands else curves, out_dir / f"{args.name}.png", points=points, bands=bands,
                            title="MDLM validation bound: ddlm vs public bd3lms (Austen char, d256x4, L=128)")
     print_table(rows, report.get("over_seeds", {}))
     print(f"wrote {out_dir / f'{args.name}.json'} ({report['cpu']})")

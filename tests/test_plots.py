@@ -34,3 +34,9 @@ def test_plot_is_a_png(tmp_path):
     write_metrics(tmp_path / "a", [{"step": s, "split": "valid", "val_bpc": 5 - s} for s in (1, 2, 3)])
     out = plot_validation_curves({"a": tmp_path / "a"}, tmp_path / "fig" / "c.png", reference={"u": 4.1})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_with_a_band_of_several_runs_is_a_png(tmp_path):
+    out = plot_validation_curves({}, tmp_path / "b.png", bands={"mean ± sd": ([1, 2, 3], [4.0, 3.0, 2.5], [0.1, 0.2, 0.1])},
+                                 points={"quoted": ([1, 3], [3.9, 2.4])})
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

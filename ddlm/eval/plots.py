@@ -28,10 +28,12 @@ def validation_curve(run_dir: str | Path) -> tuple[list[int], list[float], list[
 
 def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, title: str = "",
                            reference: dict[str, float] | None = None,
-                           points: dict[str, tuple[list[int], list[float]]] | None = None) -> Path:
+                           points: dict[str, tuple[list[int], list[float]]] | None = None,
+                           bands: dict[str, tuple[list[int], list[float], list[float]]] | None = None) -> Path:
     """Write a PNG of validation BPC vs step for each labelled run (a bound for diffusion methods),
-    with ±1 standard-error bands, optional horizontal reference lines (label -> BPC) and optional
-    series measured elsewhere (label -> (steps, BPC)), drawn dashed."""
+    with ±1 standard-error bands, optional horizontal reference lines (label -> BPC), optional
+    series measured elsewhere (label -> (steps, BPC)), drawn dashed, and optional summaries of
+    several runs (label -> (steps, mean, spread)), drawn as the mean with a ±spread band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +44,10 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
         steps, bpc, err = validation_curve(run_dir)
         line, = ax.plot(steps, bpc, marker="o", markersize=3, label=label)
         ax.fill_between(steps, [b - e for b, e in zip(bpc, err)], [b + e for b, e in zip(bpc, err)],
+                        color=line.get_color(), alpha=0.2, linewidth=0)
+    for label, (steps, mean, spread) in (bands or {}).items():
+        line, = ax.plot(steps, mean, marker="o", markersize=3, linewidth=2, label=label)
+        ax.fill_between(steps, [m - e for m, e in zip(mean, spread)], [m + e for m, e in zip(mean, spread)],
                         color=line.get_color(), alpha=0.2, linewidth=0)
     for label, (steps, bpc) in (points or {}).items():
         ax.plot(steps, bpc, marker="s", markersize=4, linestyle="--", label=label)
