@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     overrides = {"train.steps": str(args.steps), "train.min_lr_ratio": "1.0", "train.eval_every": "250",
                  "train.eval_batches": str(args.eval_batches), "train.ckpt_every": "500",
                  "train.progress": "false", **parse_overrides([f"--{kv}" for kv in args.set])}
+    schedule = "constant lr" if float(overrides["train.min_lr_ratio"]) == 1.0 else "cosine lr"
     rows, curves = {}, {}
     for block in args.blocks.split(","):
         for seed in seeds:
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
                                          **({"train.seed": str(seed)} if seed else {})})
             result = train(run, Path(args.runs) / key.replace(" seed ", "_seed"), quiet=True)
             steps, bpc, err = validation_curve(result.out_dir)
-            curves[f"ddlm MDLM ({key})"] = result.out_dir
+            curves[f"ddlm MDLM ({key}, {schedule})"] = result.out_dir
             rows[key] = {"seed": seed, "steps": steps, "valid_bpc": bpc, "stderr": err,
                          "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
     report = {"benchmark": "mdlm_reference", "cpu": cpu_model(), "machine": platform.machine(),
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     bands = {}
     for block, by_step in report.get("over_seeds", {}).items():  # several seeds: their mean ± sd only
         steps = sorted(by_step)
-        bands[f"ddlm MDLM ({block}), mean ± sd of {len(seeds)} seeds"] = (
+        bands[f"ddlm MDLM ({block}, {schedule}), mean ± sd of {len(seeds)} seeds"] = (
             steps, [by_step[s]["mean"] for s in steps], [by_step[s]["sd"] for s in steps])
     plot_validation_curves({} if bands else curves, out_dir / f"{args.name}.png", points=points, bands=bands,
                            title="MDLM validation bound: ddlm vs public bd3lms (Austen char, d256x4, L=128)")

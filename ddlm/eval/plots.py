@@ -41,14 +41,9 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for label, run_dir in runs.items():
-        steps, bpc, err = validation_curve(run_dir)
-        line, = ax.plot(steps, bpc, marker="o", markersize=3, label=label)
-        ax.fill_between(steps, [b - e for b, e in zip(bpc, err)], [b + e for b, e in zip(bpc, err)],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
+        line_with_band(ax, label, *validation_curve(run_dir))
     for label, (steps, mean, spread) in (bands or {}).items():
-        line, = ax.plot(steps, mean, marker="o", markersize=3, linewidth=2, label=label)
-        ax.fill_between(steps, [m - e for m, e in zip(mean, spread)], [m + e for m, e in zip(mean, spread)],
-                        color=line.get_color(), alpha=0.2, linewidth=0)
+        line_with_band(ax, label, steps, mean, spread, linewidth=2)
     for label, (steps, bpc) in (points or {}).items():
         ax.plot(steps, bpc, marker="s", markersize=4, linestyle="--", label=label)
     for label, value in (reference or {}).items():
@@ -66,3 +61,10 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def line_with_band(ax, label: str, steps: list[int], values: list[float], spread: list[float], **style) -> None:
+    """values against steps, with a shaded band of ±spread around them."""
+    line, = ax.plot(steps, values, marker="o", markersize=3, label=label, **style)
+    ax.fill_between(steps, [v - e for v, e in zip(values, spread)], [v + e for v, e in zip(values, spread)],
+                    color=line.get_color(), alpha=0.2, linewidth=0)
