@@ -52,13 +52,14 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="mdlm_reference", help="results file stem")
     args = p.parse_args(argv)
     seeds = [int(x) for x in args.seeds.split(",")]
+    blocks = args.blocks.split(",")
     # min_lr_ratio 1: the learning rate stays at lr after the warm-up, as in the public code
     overrides = {"train.steps": str(args.steps), "train.min_lr_ratio": "1.0", "train.eval_every": "250",
                  "train.eval_batches": str(args.eval_batches), "train.ckpt_every": "500",
                  "train.progress": "false", **parse_overrides([f"--{kv}" for kv in args.set])}
     schedule = "constant lr" if float(overrides["train.min_lr_ratio"]) == 1.0 else "cosine lr"
     rows, curves = {}, {}
-    for block in args.blocks.split(","):
+    for block in blocks:
         for seed in seeds:
             key = block if seed == 0 else f"{block} seed {seed}"
             run = make_config(base={**CHAR_QUICKSTART, "method": "mdlm"},
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
             result = train(run, Path(args.runs) / key.replace(" seed ", "_seed"), quiet=True)
             steps, bpc, err = validation_curve(result.out_dir)
             curves[f"ddlm MDLM ({key}, {schedule})"] = result.out_dir
-            rows[key] = {"seed": seed, "steps": steps, "valid_bpc": bpc, "stderr": err,
+            rows[key] = {"block": block, "seed": seed, "steps": steps, "valid_bpc": bpc, "stderr": err,
                          "tokens_per_second": result.tokens_per_second, "dtype": result.dtype}
     report = {"benchmark": "mdlm_reference", "cpu": cpu_model(), "machine": platform.machine(),
               "config": {"data": CHAR_QUICKSTART["data"], "model": CHAR_QUICKSTART["model"],
@@ -75,12 +76,12 @@ def main(argv=None) -> int:
                          "overrides": overrides},
               "public_bd3lms_mdlm": PUBLIC_BD3LMS_MDLM, "ddlm_plain_quoted": DDLM_PLAIN_QUOTED, "ddlm": rows}
     if len(seeds) > 1:
-        report["over_seeds"] = over_seeds(rows, args.blocks.split(","))
+        report["over_seeds"] = over_seeds(rows, blocks)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     points = {"public bd3lms, quoted in the issue": (list(PUBLIC_BD3LMS_MDLM), list(PUBLIC_BD3LMS_MDLM.values()))}
-    if "plain" in args.blocks.split(","):
+    if "plain" in blocks:
         points["ddlm MDLM (plain), quoted in the issue"] = (list(DDLM_PLAIN_QUOTED), list(DDLM_PLAIN_QUOTED.values()))
     points.update(public_same_machine())
     bands = {}
@@ -99,7 +100,7 @@ def over_seeds(rows: dict, blocks: list[str]) -> dict:
     """block -> step -> mean and sample standard deviation of the bound over the seeds' runs."""
     summary = {}
     for block in blocks:
-        runs = [r for key, r in rows.items() if key.split(" seed ")[0] == block]
+        runs = [r for r in rows.values() if r["block"] == block]
         summary[block] = {}
         for i, step in enumerate(runs[0]["steps"]):
             values = [r["valid_bpc"][i] for r in runs if i < len(r["valid_bpc"])]

@@ -19,11 +19,10 @@ import torch
 
 import pytest
 
-from ddlm.config import ModelConfig, make_config
+from ddlm.config import ModelConfig, SampleConfig, make_config
 from ddlm.methods.mdlm import subs_log_probs
 from ddlm.nn.transformer import RotaryQKV, Transformer
 from ddlm.build import build_method, complete_model_config
-from ddlm.config import SampleConfig
 from ddlm.data import build_tokenizer
 from ddlm.sampling.block import PrefixModel
 

@@ -716,6 +716,14 @@ def test_lr_warmup_and_cosine_endpoints():
     assert math.isclose(lr_at(0, TrainConfig(steps=10, lr=1e-3, warmup_steps=0)), 1e-3, rel_tol=1e-12)
 
 
+def test_lr_constant_after_warmup_when_min_lr_ratio_is_one():
+    """min_lr_ratio = 1 is the public code's schedule (benchmarks/mdlm_reference.py): lr at every
+    step after the warm-up. Mutation caught: a floor that ignores min_lr_ratio."""
+    cfg = TrainConfig(steps=100, lr=2e-3, warmup_steps=10, min_lr_ratio=1.0)
+    assert math.isclose(lr_at(4, cfg), 2e-3 * 5 / 10, rel_tol=1e-12)
+    assert all(math.isclose(lr_at(s, cfg), 2e-3, rel_tol=1e-12) for s in range(9, 120))
+
+
 # ====================================================== 13. signal handlers
 
 def test_signal_handlers_are_replaced_during_training_and_restored_after(tmp_path, monkeypatch):
