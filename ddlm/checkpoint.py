@@ -34,6 +34,9 @@ from ddlm.errors import CheckpointError, ConfigError
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"  # the whole resume state (one process, DDP)
+SHARDED_META = "trainer_meta.pt"  # FSDP2: the resume state less what SHARDED_STATE holds
+SHARDED_STATE = "trainer_state"  # FSDP2: torch.distributed.checkpoint folder, one part per process
 
 
 def _sha256(path: Path) -> str:
@@ -44,9 +47,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _files(ckpt: Path) -> list[Path]:
+    """Every file of a checkpoint, those of its sharded trainer state (a folder) included."""
+    return sorted(f for f in ckpt.rglob("*") if f.is_file() and f.name != MANIFEST)
+
+
 def write_manifest(ckpt: Path) -> None:
-    files = sorted(f for f in ckpt.iterdir() if f.is_file() and f.name != MANIFEST)
-    entries = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+    entries = {f.relative_to(ckpt).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+               for f in _files(ckpt)}
     (ckpt / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
 
 
@@ -88,33 +96,50 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_dict: dict,
-                    weights: dict[str, torch.Tensor], trainer_state: dict | None,
-                    keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and point OUT/latest at it; prune to `keep` newest."""
-    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-    if bad is not None:
-        raise CheckpointError(f"not saving step {step}: weight {bad} is not finite; the previous "
-                              f"checkpoint is kept")
+def new_temporary(out_dir: Path, step: int) -> Path:
+    """A fresh temporary directory for checkpoint `step`, into which the processes of a sharded
+    run write their parts of the trainer state before `save_checkpoint(..., tmp=...)` completes it."""
     root = Path(out_dir) / "checkpoints"
-    final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(root)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    except OSError as err:
+        raise CheckpointError(f"could not write checkpoint step {step} under '{root}' ({err.strerror}); "
+                              f"the previous checkpoint {latest_name(Path(out_dir))} is intact") from None
+    return tmp
+
+
+def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_dict: dict,
+                    weights: dict[str, torch.Tensor], trainer_state: dict | None,
+                    keep: int = 2, tmp: Path | None = None, state_name: str = STATE) -> Path:
+    """Write checkpoint `step` atomically and point OUT/latest at it; prune to `keep` newest. `tmp`:
+    a `new_temporary` directory that already holds the sharded trainer state's parts; the resume
+    state `trainer_state` is then written as `state_name` (SHARDED_META) beside them."""
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"not saving step {step}: weight {bad} is not finite; the previous "
+                              f"checkpoint is kept")
+    root = Path(out_dir) / "checkpoints"
+    final = root / f"step_{step:07d}"
+    try:
+        tmp = tmp or new_temporary(out_dir, step)
         (tmp / "config.json").write_text(config.to_json())
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_dict))
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
                   metadata={"step": str(step)})
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer_state.pt")
+            torch.save(trainer_state, tmp / state_name)
         write_manifest(tmp)
-        for f in tmp.iterdir():
+        for f in _files(tmp) + [tmp / MANIFEST]:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        for folder in {f.parent for f in _files(tmp)}:
+            _fsync_dir(folder)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -240,6 +265,12 @@ def upgrade_config(d: dict) -> dict:
     model = d.get("model")
     if isinstance(model, dict):
         model.setdefault("block", "plain")
+    train = d.get("train")
+    if isinstance(train, dict) and "grad_accum" in train:  # k micro-batches of B: a global batch of k*B
+        accum = train.pop("grad_accum")
+        if isinstance(accum, int) and accum > 1 and isinstance(train.get("batch_size"), int):
+            train["micro_batch_size"] = train["batch_size"]
+            train["batch_size"] *= accum
     for method, old, new in MOVED_TO_SAMPLE:
         options = d.get(method)
         if isinstance(options, dict) and old in options:
@@ -262,11 +293,26 @@ def _read_json(path: Path) -> dict:
 
 def load_trainer_state(ckpt: Path) -> dict:
     """The resume state, read with weights_only=True: a file holding anything but tensors and
-    plain containers (e.g. a crafted pickle that would run code) is refused, never executed."""
-    path = Path(ckpt) / "trainer_state.pt"
+    plain containers (e.g. a crafted pickle that would run code) is refused, never executed.
+    A sharded checkpoint's state lacks the model, optimizer and EMA tensors; its key "sharded"
+    names the torch.distributed.checkpoint folder that holds them (every file checked here)."""
+    ckpt = Path(ckpt)
+    if (ckpt / SHARDED_META).is_file():
+        state = _load_state_file(ckpt, SHARDED_META)
+        for name in (_read_json(ckpt / MANIFEST).get("files", {}) if (ckpt / MANIFEST).is_file() else {}):
+            if name.startswith(SHARDED_STATE + "/"):
+                verify_file(ckpt, name)
+        if not (ckpt / SHARDED_STATE).is_dir():
+            raise CheckpointError(f"checkpoint '{ckpt}' lacks its sharded state folder {SHARDED_STATE}/")
+        return {**state, "sharded": ckpt / SHARDED_STATE}
+    return _load_state_file(ckpt, STATE)
+
+
+def _load_state_file(ckpt: Path, name: str) -> dict:
+    path = ckpt / name
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{ckpt}' has no trainer_state.pt; it cannot be resumed")
-    verify_file(Path(ckpt), "trainer_state.pt")
+        raise CheckpointError(f"checkpoint '{ckpt}' has no {STATE}; it cannot be resumed")
+    verify_file(ckpt, name)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:

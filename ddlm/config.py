@@ -100,9 +100,18 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
+    """Sequences per optimizer step over all processes (the global batch)."""
+    micro_batch_size: int = 0
+    """Sequences per forward pass on one process (0: batch_size / processes); each process
+    accumulates the gradients of batch_size / (processes x micro_batch_size) micro-batches. With
+    several processes or a micro-batch set here, each micro-batch draws its noise from a seed of
+    (train.seed, step, its position in the global batch), so the same global batch gives the same
+    update on any number of processes."""
+    parallel: str = "ddp"
+    """Data parallelism under torchrun: ddp (DistributedDataParallel) | fsdp2 (fully_shard per
+    block: parameters, gradients, AdamW state and EMA sharded over processes)."""
+    dist_timeout: float = 600.0
+    """Seconds a collective may wait for another process before the job ends (a rank that died)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -152,7 +161,10 @@ class TrainConfig:
         _check(self.seed >= 0, f"train.seed={self.seed} must be >= 0")
         _check(self.max_nonfinite >= 1, f"train.max_nonfinite={self.max_nonfinite} must be >= 1")
         _check(self.batch_size >= 1, f"train.batch_size={self.batch_size} must be >= 1")
-        _check(self.grad_accum >= 1, f"train.grad_accum={self.grad_accum} must be >= 1")
+        _check(self.micro_batch_size >= 0, f"train.micro_batch_size={self.micro_batch_size} must be >= 0 "
+                                           f"(0: train.batch_size / processes)")
+        _check(self.parallel in ("ddp", "fsdp2"), f"train.parallel={self.parallel!r} must be ddp or fsdp2")
+        _check(self.dist_timeout > 0, f"train.dist_timeout={self.dist_timeout} must be positive")
         _check(self.lr > 0, f"train.lr={self.lr} must be positive")
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")

@@ -667,31 +667,33 @@ def test_ema_applied_swaps_in_the_shadow_and_restores_exactly():
 # ====================================================== 11. gradient accumulation
 
 def test_grad_accumulation_equals_one_large_batch(tmp_path):
-    """train.grad_accum=2 x batch 2 == grad_accum=1 x batch 4 == the gradient of the mean loss over
-    the 4 sequences, computed here from the initial weights (AR: a deterministic loss).
-    Mutations caught: micro-batch losses not divided by grad_accum; gradients zeroed per micro-batch."""
+    """train.micro_batch_size=2 of a batch of 4 (two micro-batches) == one micro-batch of 4 == the
+    gradient of the mean loss over the 4 sequences, computed here from the initial weights (AR: a
+    deterministic loss). Mutations caught: micro-batch losses not divided by the accumulation
+    count; gradients zeroed per micro-batch; a micro-batch reading the wrong rows."""
     from ddlm.train.loop import Trainer
 
     corpus = tiny_corpus(tmp_path / "c.txt")
-    accum = Trainer(tiny_run(corpus, batch_size=2, grad_accum=2, grad_clip=0.0), tmp_path / "a", quiet=True)
-    large = Trainer(tiny_run(corpus, batch_size=4, grad_accum=1, grad_clip=0.0), tmp_path / "b", quiet=True)
+    accum = Trainer(tiny_run(corpus, batch_size=4, micro_batch_size=2, grad_clip=0.0), tmp_path / "a", quiet=True)
+    large = Trainer(tiny_run(corpus, batch_size=4, grad_clip=0.0), tmp_path / "b", quiet=True)
+    assert (accum.plan.accum, large.plan.accum) == (2, 1)
     initial = copy.deepcopy(accum.model)
     for a, b in zip(accum.model.state_dict().values(), large.model.state_dict().values()):
         assert torch.equal(a, b)
     rows = {}
     for name, trainer in (("accum", accum), ("large", large)):
-        real = trainer.loader.next_batch
+        real = trainer.loader.take
         rows[name] = []
 
-        def recording(real=real, store=rows[name]):
-            batch = real()
+        def recording(r, real=real, store=rows[name]):
+            batch = real(r)
             store.append(batch.tokens.clone())
             return batch
 
-        trainer.loader.next_batch = recording
+        trainer.loader.take = recording
         trainer._train_step()
     x = torch.cat(rows["accum"])
-    assert torch.equal(x, torch.cat(rows["large"])) and x.shape[0] == 4
+    assert torch.equal(x, torch.cat(rows["large"])) and x.shape[0] == 4 and len(rows["accum"]) == 2
     ref = accum.method.loss(initial, x).loss
     ref.backward()
     for (name, p), q, r in zip(accum.model.named_parameters(), large.model.parameters(), initial.parameters()):

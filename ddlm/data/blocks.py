@@ -234,18 +234,27 @@ class BlockLoader:
     def _batch(self, order: np.ndarray, i: int) -> Batch:
         """This rank's i-th batch of an epoch with row order `order`."""
         k = i * self.world_size + self.rank
-        rows = order[k * self.batch_size : (k + 1) * self.batch_size]
+        return self.take(order[k * self.batch_size : (k + 1) * self.batch_size])
+
+    def take(self, rows: np.ndarray) -> Batch:
+        """The batch of dataset rows `rows` (only those rows are read from a memory-mapped set)."""
         tokens = torch.from_numpy(np.asarray(self.ds.tokens[rows], dtype=np.int64))
         mask = None if self.ds.valid is None else torch.from_numpy(np.asarray(self.ds.valid[rows], dtype=bool))
         return Batch(tokens, mask)
 
-    def next_batch(self) -> Batch:
-        """Next batch of the infinite stream across epochs; advances the state."""
+    def next_rows(self) -> np.ndarray:
+        """Row indices of this rank's next batch of the infinite stream across epochs; advances the
+        state. A trainer that splits one global batch over processes builds the loader as a world
+        of one with the global batch size and gives each process its part of these rows."""
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index = self.epoch + 1, 0
-        batch = self._batch(self._order(self.epoch), self.index)
+        k = self.index * self.world_size + self.rank
         self.index += 1
-        return batch
+        return self._order(self.epoch)[k * self.batch_size : (k + 1) * self.batch_size]
+
+    def next_batch(self) -> Batch:
+        """Next batch of the infinite stream across epochs; advances the state."""
+        return self.take(self.next_rows())
 
     def __iter__(self) -> Iterator[Batch]:
         while True:

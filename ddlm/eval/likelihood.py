@@ -37,30 +37,42 @@ class LikelihoodResult:
 @torch.no_grad()
 def evaluate_likelihood(method, model, dataset: BlockDataset, *, batch_size: int = 16,
                         n_samples: int = 1, max_batches: int = 0, seed: int = 0,
-                        dtype: torch.dtype = torch.float32, progress: bool = False) -> LikelihoodResult:
-    """Score `dataset` under `method`'s likelihood bound; see the module docstring for the protocol."""
+                        dtype: torch.dtype = torch.float32, progress: bool = False,
+                        dist=None) -> LikelihoodResult:
+    """Score `dataset` under `method`'s likelihood bound; see the module docstring for the protocol.
+    Batch i draws its Monte-Carlo noise from a seed of (seed, i), so the figure does not depend on
+    how batches are spread over processes: with `dist` (a Distributed) rank r scores batches
+    r, r + world, ... and the per-sequence sums are gathered in float64 in batch order."""
+    from ddlm.train.distributed import Distributed, micro_seed, sharded_batches
+
+    dist = dist or Distributed()
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    generator = torch.Generator(device=dev).manual_seed(seed)
     loader = BlockLoader(dataset, batch_size, shuffle=False, drop_last=False)
-    nlls, counts, exact = [], [], True
-    batches = loader.epoch_batches()
+    nlls, counts, order, exact = [], [], [], True
     total = math.ceil(len(dataset) / batch_size)
     if max_batches:
         total = min(total, max_batches)
-    for i, batch in enumerate(progress_bar(batches, total=total, disable=not progress, desc="eval", leave=False)):
-        if max_batches and i >= max_batches:
-            break
+    batches = sharded_batches(loader, max_batches, dist)
+    for i, batch, real in progress_bar(batches, total=-(-total // dist.world_size), disable=not progress,
+                                       desc="eval", leave=False):
+        generator = torch.Generator(device=dev).manual_seed(micro_seed(seed, -2, i))
         x0 = batch.tokens.to(dev)
         mask = batch.mask.to(dev) if batch.mask is not None else None
         with runtime.autocast(dtype, dev):
             bound = method.nll_bound(model, x0, n_samples=n_samples, loss_mask=mask, generator=generator)
-        nlls.append(bound.nll.double().cpu())
-        counts.append(bound.tokens.double().cpu())
         exact = exact and bound.exact
+        if real:
+            nlls.append(bound.nll.double().cpu())
+            counts.append(bound.tokens.double().cpu())
+            order.append(torch.full((x0.shape[0],), float(i), dtype=torch.float64))
     model.train(was_training)
-    return summarize(torch.cat(nlls), torch.cat(counts), dataset.chars_per_token, exact, n_samples)
+    empty = torch.zeros(0, dtype=torch.float64)
+    rows = torch.stack([torch.cat(order or [empty]), torch.cat(nlls or [empty]), torch.cat(counts or [empty])], 1)
+    rows = dist.all_gather_cat(rows)
+    rows = rows[torch.argsort(rows[:, 0], stable=True)]  # batch order, whatever rank scored it
+    return summarize(rows[:, 1], rows[:, 2], dataset.chars_per_token, exact, n_samples)
 
 
 def summarize(nll: torch.Tensor, tokens: torch.Tensor, chars_per_token: float, exact: bool,

@@ -20,14 +20,16 @@ import torch
 
 from ddlm import runtime
 from ddlm.build import build_method, check_memory, complete_model_config, prepare_data
-from ddlm.checkpoint import (latest_name, load_checkpoint, load_trainer_state, resolve_checkpoint, save_checkpoint,
-                             weights_misfit)
+from ddlm.checkpoint import (SHARDED_META, SHARDED_STATE, latest_name, load_checkpoint, load_trainer_state,
+                             new_temporary, resolve_checkpoint, save_checkpoint, weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
-from ddlm.errors import ConfigError, DataError
+from ddlm.errors import ConfigError, DataError, DdlmError
 from ddlm.eval.likelihood import evaluate_likelihood
 from ddlm.eval.records import read_jsonl
 from ddlm.progress import progress_bar
+from ddlm.train import state as resume_state
+from ddlm.train.distributed import Distributed, batch_plan, is_sharded, micro_seed, sharded_batches
 from ddlm.train.ema import EMA
 from ddlm.train.lock import RunLock
 from ddlm.train.optim import build_optimizer, lr_at, set_lr
@@ -35,7 +37,8 @@ from ddlm.train.optim import build_optimizer, lr_at, set_lr
 # Options that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.eval_every", "train.eval_batches",
                      "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.threads",
-                     "train.compile", "data.text8_download"}
+                     "train.compile", "data.text8_download", "train.micro_batch_size", "train.parallel",
+                     "train.dist_timeout"}
 
 
 @dataclass
@@ -53,9 +56,12 @@ class TrainResult:
 
 
 def train(run: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
-          stop_after: int | None = None, quiet: bool = False) -> TrainResult:
-    """Train (or resume) `run` into `out_dir`. `stop_after=k` stops after step k as if interrupted."""
-    return Trainer(run, out_dir, overwrite=overwrite, quiet=quiet).fit(stop_after=stop_after)
+          stop_after: int | None = None, quiet: bool = False,
+          dist: Distributed | None = None) -> TrainResult:
+    """Train (or resume) `run` into `out_dir`. `stop_after=k` stops after step k as if interrupted.
+    Under torchrun every process calls this; `dist` defaults to the environment's (a world of one
+    unless torchrun started this process)."""
+    return Trainer(run, out_dir, overwrite=overwrite, quiet=quiet, dist=dist).fit(stop_after=stop_after)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -80,36 +86,58 @@ def run_differences(old: RunConfig, new: RunConfig) -> list[str]:
 
 class Trainer:
     def __init__(self, run: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
-                 quiet: bool = False) -> None:
-        """Set up (or restore) the run in `out_dir`, which this trainer locks until `fit` ends."""
+                 quiet: bool = False, dist: Distributed | None = None) -> None:
+        """Set up (or restore) the run in `out_dir`, which this trainer locks until `fit` ends.
+        Every process of a distributed run builds one; rank 0 alone locks, logs and writes."""
+        self.dist = dist or Distributed.from_environment(runtime.device(), timeout_s=run.train.dist_timeout,
+                                                         parallel=run.train.parallel)
         self.out_dir = Path(out_dir)
-        self.quiet = quiet
+        self.quiet = quiet or not self.dist.is_main
+        self.lock = self.dist.on_main(self._claim_directory, share=False)
+        try:
+            self._set_up(run, overwrite)
+        except BaseException:  # a refused or failed set-up leaves the directory unlocked
+            self._release()
+            raise
+        self.stop_requested = False
+        self.stop_agreed = False
+
+    def _claim_directory(self) -> RunLock:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ConfigError(f"--out '{self.out_dir}' is a file, not a run directory")
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create run directory '{self.out_dir}': {err.strerror}") from None
-        self.lock = RunLock(self.out_dir).acquire()
-        try:
-            self._set_up(run, overwrite)
-        except BaseException:  # a refused or failed set-up leaves the directory unlocked
+        return RunLock(self.out_dir).acquire()
+
+    def _release(self) -> None:
+        if self.lock is not None:
             self.lock.release()
-            raise
-        self.stop_requested = False
 
     # -- set-up -----------------------------------------------------------------------------
     def _set_up(self, run: RunConfig, overwrite: bool) -> None:
         """Tokenizer, data, method, model, optimiser, EMA and loader; restored when resuming."""
-        previous = self._previous_checkpoint(run, overwrite)
+        dist = self.dist
+        previous = dist.on_main(lambda: self._previous_checkpoint(run, overwrite))
         cfg = run.train
+        self.plan = batch_plan(cfg.batch_size, cfg.micro_batch_size, dist.world_size)
         runtime.set_threads(cfg.threads)
         runtime.seed_everything(cfg.seed)
-        self.device = runtime.device()
-        self.dtype = runtime.resolve_dtype(cfg.dtype, self.device)
+        self.device = dist.device
+        self.dtype = runtime.DTYPES[dist.on_main(
+            lambda: runtime.dtype_name(runtime.resolve_dtype(cfg.dtype, self.device)))]
         source = previous or (resolve_checkpoint(cfg.init) if cfg.init else None)
         tokenizer = tokenizer_from_dict(load_checkpoint(source).tokenizer_dict) if source else None
-        self.tokenizer, self.datasets = prepare_data(run, tokenizer)
+        # rank 0 builds the tokenizer and the token caches; the others then read them
+        prepared = {}
+
+        def prepare_on_main() -> dict:
+            prepared["main"] = prepare_data(run, tokenizer)
+            return prepared["main"][0].to_dict()
+
+        tokenizer_dict = dist.on_main(prepare_on_main)
+        self.tokenizer, self.datasets = prepared.get("main") or prepare_data(run, tokenizer_from_dict(tokenizer_dict))
         self.method = build_method(run, self.tokenizer)
         self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
         check_memory(self.run.model, training=True)
@@ -119,7 +147,9 @@ class Trainer:
         elif self.method.needs_init and previous is None:
             raise ConfigError(f"method {run.method!r} starts from a trained run: give --init "
                               f"({self.method.needs_init})")
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_module = dist.wrap(self.method, step_model, cfg.parallel, compute_dtype=self.dtype)
+        self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
         self.loader = BlockLoader(self.datasets["train"], cfg.batch_size, seed=cfg.seed, shuffle=True)
@@ -129,6 +159,7 @@ class Trainer:
         self.step = 0
         self.resumed_from = 0
         self.nonfinite_steps = 0
+        self.keyed_noise = dist.world_size > 1 or cfg.micro_batch_size > 0
         if previous is not None:
             self._restore(previous)
 
@@ -162,16 +193,19 @@ class Trainer:
                               f"use the same model.* options")
 
     def _restore(self, ckpt: Path) -> None:
+        """Resume from either layout of the resume state, whatever layout this run writes."""
         state = load_trainer_state(ckpt)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        if "sharded" in state:
+            resume_state.load_sharded(state["sharded"], self.model, self.optimizer, self.ema)
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.decay, self.ema.updates = state["ema"]["decay"], state["ema"]["updates"]
+        else:
+            resume_state.load_whole(state, self.model, self.optimizer, self.ema, self.sharded)
         self.loader.load_state_dict(state["loader"])
         self.method.load_state_dict(state.get("method") or {})
         runtime.set_rng_state(state["rng"])
         self.step = self.resumed_from = state["step"]
-        self._truncate_metrics(self.step)
+        self.dist.on_main(lambda: self._truncate_metrics(self.step))
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
@@ -184,10 +218,20 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> TrainResult:
+        try:
+            return self._fit(stop_after)
+        except RuntimeError as err:
+            if self.dist.world_size > 1:  # a collective failed: another process died or hung
+                raise DdlmError(f"rank {self.dist.rank}: a collective with the other processes failed "
+                                f"({str(err).splitlines()[0][:160]}); another rank died or timed out; rerun "
+                                f"the same command to resume from {latest_name(self.out_dir) or 'the start'}"
+                                ) from None
+            raise
+
+    def _fit(self, stop_after: int | None) -> TrainResult:
         cfg = self.run.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         handlers = self._install_signal_handlers()
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.run.data.seq_len
+        tokens_per_step = cfg.batch_size * self.run.data.seq_len
         losses: list[float] = []
         valid = None
         bar = progress_bar(total=cfg.steps, initial=self.step, disable=self.quiet or not cfg.progress,
@@ -223,7 +267,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
                 last = self.step == cfg.steps
-                stopping = self.stop_requested or (stop_after is not None and self.step >= stop_after)
+                # a signal is acted on at the same step by every rank: the one all of them agreed on
+                asked = self.stop_agreed or (self.dist.world_size == 1 and self.stop_requested)
+                stopping = asked or (stop_after is not None and self.step >= stop_after)
                 if self.method.adapt_every and self.step % self.method.adapt_every == 0:
                     self.adapt_method()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
@@ -235,39 +281,54 @@ class Trainer:
         finally:
             bar.close()
             self._restore_signal_handlers(handlers)
-            self.lock.release()
+            self._release()
         seconds = time.perf_counter() - start
         done = self.step - start_step
         return TrainResult(self.out_dir, self.step, checkpoint, self.step < cfg.steps,
                            runtime.dtype_name(self.dtype), valid, seconds,
                            done * tokens_per_step / max(seconds, 1e-9), self.resumed_from, losses)
 
+    def _noise(self, micro: int) -> torch.Generator | None:
+        """The noise generator of global micro-batch `micro` of this step (None: the global RNG, as
+        a one-process run without micro-batches always drew it)."""
+        if not self.keyed_noise:
+            return None
+        return torch.Generator(device=self.device).manual_seed(micro_seed(self.run.train.seed, self.step, micro))
+
     def _train_step(self) -> tuple[float, float, float]:
-        cfg = self.run.train
+        """One optimizer step over the global batch: this rank's micro-batches, gradients averaged
+        over every micro-batch of every rank. Returns the global mean loss, the gradient norm,
+        the learning rate; `stop_agreed` says whether any rank was asked to stop."""
+        cfg, plan = self.run.train, self.plan
         lr = lr_at(self.step, cfg)
         set_lr(self.optimizer, lr)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            batch = self.loader.next_batch()
+        rows = self.loader.next_rows()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for a, micro in enumerate(plan.micro_indices(self.dist.rank)):
+            batch = self.loader.take(rows[micro * plan.micro:(micro + 1) * plan.micro])
             x0 = batch.tokens.to(self.device, non_blocking=True)
-            mask = batch.mask.to(self.device) if batch.mask is not None else None
-            with runtime.autocast(self.dtype, self.device):
-                out = self.method.loss(self.step_model, x0, loss_mask=mask)
-            (out.loss / cfg.grad_accum).backward()
-            total += out.loss.item()
+            mask = batch.mask.to(self.device, non_blocking=True) if batch.mask is not None else None
+            with self.dist.skip_sync(self.step_module, last=a == plan.accum - 1):
+                with runtime.autocast(self.dtype, self.device):
+                    loss, _ = self.step_module(x0, mask, self._noise(micro))
+                (loss / plan.accum).backward()
+            total += loss.detach().double()
         params = [p for p in self.model.parameters() if p.grad is not None]  # trainable only
-        if cfg.grad_clip:  # one norm computation: clipping returns the norm before clipping
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        if not (math.isfinite(total) and math.isfinite(grad_norm)):
+        # one norm computation: clipping returns the norm before clipping (inf: measure only)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        local_bad = not math.isfinite(float(total))
+        agreed = self.dist.all_reduce_sum(torch.tensor([float(total), float(local_bad), float(self.stop_requested)]))
+        self.stop_agreed = bool(agreed[2])
+        loss_mean = float(agreed[0]) / (plan.accum * plan.world) if not agreed[1] else math.nan
+        if not (math.isfinite(loss_mean) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)  # skip: the weights and optimizer state stay good
-            return total / cfg.grad_accum, grad_norm, lr
+            return loss_mean, grad_norm, lr
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return total / cfg.grad_accum, grad_norm, lr
+        return loss_mean, grad_norm, lr
 
     def validate(self) -> dict:
         cfg = self.run.train
@@ -276,7 +337,7 @@ class Trainer:
         with self._inference_weights():
             result = evaluate_likelihood(self.method, self.model, self.datasets["valid"],
                                          batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
-                                         seed=cfg.seed, dtype=self.dtype)
+                                         seed=cfg.seed, dtype=self.dtype, dist=self.dist)
         record = {"step": self.step, "split": "valid", "val_nll": result.nll_per_token,
                   "val_bpc": result.bpc, "val_ppl": result.ppl, "val_bpc_stderr": result.bpc_stderr,
                   "val_tokens": result.tokens}
@@ -287,26 +348,29 @@ class Trainer:
 
     @torch.no_grad()
     def _validate_loss(self) -> dict:
-        """For a method without a likelihood: the mean training loss on validation batches."""
+        """For a method without a likelihood: the mean training loss on validation batches (the
+        batches sharded over ranks, each with noise seeded by its index)."""
         cfg = self.run.train
         loader = BlockLoader(self.datasets["valid"], cfg.batch_size, shuffle=False, drop_last=False)
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        losses, metrics = [], {}
+        names: list[str] = []
+        sums = None
         with self._inference_weights():
             self.model.eval()
-            for i, batch in enumerate(loader.epoch_batches()):
-                if i >= cfg.eval_batches:
-                    break
+            for i, batch, real in sharded_batches(loader, cfg.eval_batches, self.dist):
                 x0 = batch.tokens.to(self.device)
                 mask = batch.mask.to(self.device) if batch.mask is not None else None
+                generator = torch.Generator(device=self.device).manual_seed(micro_seed(cfg.seed, -1, i))
                 with runtime.autocast(self.dtype, self.device):
                     out = self.method.loss(self.model, x0, loss_mask=mask, generator=generator)
-                losses.append(out.loss.item())
-                for key, value in (out.metrics or {}).items():
-                    metrics.setdefault(key, []).append(value)
+                metrics = out.metrics or {}
+                names = sorted(metrics)
+                row = torch.tensor([1.0, float(out.loss), *(float(metrics[k]) for k in names)], dtype=torch.float64)
+                sums = (0 if sums is None else sums) + row * float(real)
             self.model.train()
-        record = {"step": self.step, "split": "valid", "val_loss": sum(losses) / max(len(losses), 1),
-                  **{f"val_{k}": sum(v) / len(v) for k, v in metrics.items()}}
+        sums = self.dist.all_reduce_sum(sums)
+        count = max(float(sums[0]), 1.0)
+        record = {"step": self.step, "split": "valid", "val_loss": float(sums[1]) / count,
+                  **{f"val_{k}": float(v) / count for k, v in zip(names, sums[2:])}}
         self._log(record)
         return record
 
@@ -314,7 +378,8 @@ class Trainer:
     def adapt_method(self) -> dict:
         """Let the method tune its own state (BD3-LM: the clipped window) on the first
         `method.adapt_batches` validation batches, with the inference weights and its own
-        generator (the training noise stream is not touched); logs what it returns."""
+        generator (the training noise stream is not touched); logs what it returns. Every rank
+        computes it (a sharded model needs them all); rank 0's result is kept everywhere."""
         loader = BlockLoader(self.datasets["valid"], self.run.train.batch_size, shuffle=False, drop_last=False)
         batches = []
         for batch in loader.epoch_batches():
@@ -327,6 +392,8 @@ class Trainer:
             with runtime.autocast(self.dtype, self.device):
                 record = self.method.adapt(self.model, batches, generator)
             self.model.train()
+        self.method.load_state_dict(self.dist.broadcast(self.method.state_dict()))
+        record = self.dist.broadcast(record)
         self._log({"step": self.step, **record})
         return record
 
@@ -334,26 +401,37 @@ class Trainer:
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
     def save(self) -> Path:
-        weights = self.model.state_dict()  # frozen parts included, trainable ones as their EMA
+        """A checkpoint of this step. Whole (rank 0 writes trainer_state.pt), or sharded: every rank
+        writes its part of trainer_state/ into the same temporary directory, then rank 0 writes the
+        rest and the manifest, renames it into place and only then replaces `latest`."""
+        weights = resume_state.inference_weights(self.model, self.ema, sharded=self.sharded,
+                                                 is_main=self.dist.is_main)
+        meta = {"step": self.step, "loader": self.loader.state_dict(), "rng": runtime.rng_state(),
+                "method": self.method.state_dict()}
+        if not self.sharded:
+            state = {**meta, **resume_state.whole_state(self.model, self.optimizer, self.ema)}
+            return self.dist.on_main(lambda: save_checkpoint(
+                self.out_dir, self.step, config=self.run, tokenizer_dict=self.tokenizer.to_dict(), weights=weights,
+                trainer_state=state, keep=self.run.train.keep_ckpts))
+        tmp = self.dist.on_main(lambda: new_temporary(self.out_dir, self.step))
+        resume_state.save_sharded(tmp / SHARDED_STATE, self.model, self.optimizer, self.ema)
+        self.dist.barrier()
         if self.ema is not None:
-            weights = {**weights, **self.ema.shadow}
-        state = {"step": self.step, "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(),
-                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                 "loader": self.loader.state_dict(), "rng": runtime.rng_state(),
-                 "method": self.method.state_dict()}
-        return save_checkpoint(self.out_dir, self.step, config=self.run,
-                               tokenizer_dict=self.tokenizer.to_dict(), weights=weights,
-                               trainer_state=state, keep=self.run.train.keep_ckpts)
+            meta["ema"] = {"decay": self.ema.decay, "updates": self.ema.updates}
+        return self.dist.on_main(lambda: save_checkpoint(
+            self.out_dir, self.step, config=self.run, tokenizer_dict=self.tokenizer.to_dict(), weights=weights,
+            trainer_state=meta, keep=self.run.train.keep_ckpts, tmp=tmp, state_name=SHARDED_META))
 
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
         def request_stop(signum, frame):
-            self.stop_requested = True
+            self.stop_requested = True  # every rank learns of it at the end of this step
             signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
             if not self.quiet:
                 print(f"\nddlm: {signal.Signals(signum).name} received; checkpointing after this step")
@@ -370,3 +448,4 @@ class Trainer:
     def _restore_signal_handlers(saved: dict) -> None:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
