@@ -426,3 +426,16 @@ def tiny_transformer(time_conditioning=False, vocab=11, max_len=8, seed=0, n_lay
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
     return model
+
+
+# ------------------------------------------------------------------------------ devices
+
+import pytest  # noqa: E402  (only the fixture below needs it)
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every device this machine has: the CPU, and CUDA where torch sees a GPU."""
+    return torch.device(request.param)

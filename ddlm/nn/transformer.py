@@ -28,32 +28,57 @@ from ddlm.nn.attention import KVCache, MaskSpec, attend, first_queries
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (Su et al. 2021), rotate-half form."""
+    """Rotary position embedding (Su et al. 2021), rotate-half form.
 
-    def __init__(self, head_dim: int, base: float) -> None:
+    Its tables are non-persistent buffers: `inv_freq` (hd/2,) and the cos/sin of the first
+    `table_len` positions (table_len, hd), so they follow `.to()`, `.to_empty()`, the meta device
+    and FSDP, and never enter a state dict. A contiguous range of positions starting at a Python
+    int (`span`, what the forward pass asks from the cache length) is a slice of the tables: no
+    tensor value is read on the host, nothing breaks a torch.compile graph. Positions past the table
+    (a sampler's sliding window) and arbitrary position tensors (BD3-LM's x_t (+) x_0) are computed
+    on the fly, with the same arithmetic as the table (on the CPU either way gives the same bits,
+    which tests/test_device.py checks)."""
+
+    def __init__(self, head_dim: int, base: float, table_len: int = 0) -> None:
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.head_dim, self.base, self.table_len = head_dim, base, table_len
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2, dtype=torch.float32), persistent=False)
+        self.register_buffer("cos_table", torch.empty(table_len, head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin_table", torch.empty(table_len, head_dim, dtype=torch.float32), persistent=False)
+        self.reset_buffers()
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (L,) -> cos, sin of shape (L, hd)."""
-        if positions.dim() == 1 and self._cached is not None:
-            n, cos, sin = self._cached
-            if positions.numel() and int(positions.max()) < n and self._is_range(positions):
-                start = int(positions[0])
-                return cos[start:start + positions.numel()], sin[start:start + positions.numel()]
-        angles = positions.float()[..., None] * self.inv_freq  # (L, hd/2)
-        emb = torch.cat([angles, angles], dim=-1)
-        return emb.cos(), emb.sin()
+    def reset_buffers(self) -> None:
+        """(Re)compute every table in place on the device it is on (after `.to_empty()`)."""
+        with torch.no_grad():
+            device = self.inv_freq.device
+            hd = self.head_dim
+            self.inv_freq.copy_(1.0 / self.base ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+            if self.table_len:
+                cos, sin = self.cos_sin(torch.arange(self.table_len, device=device))
+                self.cos_table.copy_(cos)
+                self.sin_table.copy_(sin)
 
     def precompute(self, max_len: int, device=None) -> None:
-        cos, sin = self.cos_sin(torch.arange(max_len, device=device))
-        self._cached = (max_len, cos, sin)
+        """Tables of the first max_len positions (on `device`; default: where they are)."""
+        device = self.inv_freq.device if device is None else torch.device(device)
+        self.table_len = max_len
+        self.inv_freq = torch.empty_like(self.inv_freq, device=device)
+        self.cos_table = torch.empty(max_len, self.head_dim, dtype=torch.float32, device=device)
+        self.sin_table = torch.empty(max_len, self.head_dim, dtype=torch.float32, device=device)
+        self.reset_buffers()
 
-    @staticmethod
-    def _is_range(positions: torch.Tensor) -> bool:
-        return positions.numel() == 1 or bool((positions[1:] - positions[:-1] == 1).all())
+    def span(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions start .. start + length - 1 (Python ints) -> cos, sin (length, hd): views of the
+        tables within them, computed past them."""
+        if start + length <= self.cos_table.shape[0]:
+            return self.cos_table[start:start + length], self.sin_table[start:start + length]
+        return self.cos_sin(torch.arange(start, start + length, device=self.inv_freq.device))
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (L,), any values -> cos, sin of shape (L, hd), computed (no host read)."""
+        angles = positions.to(self.inv_freq.device).float()[..., None] * self.inv_freq  # (L, hd/2)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
 
 
 def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
@@ -98,19 +123,44 @@ class RotaryQKV(torch.autograd.Function):
         return grad, None, None
 
 
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """qkv (B, L, 3, H, hd) -> q, k rotated and v, each (B, H, L, hd). Eager: RotaryQKV's fused
+    passes. Under torch.compile: the same rotation written functionally (Dynamo cannot trace the
+    `out=` writes into strided views that make the eager form fast; the compiler fuses this one)."""
+    if not torch.compiler.is_compiling():
+        return RotaryQKV.apply(qkv, cos, sin)
+    cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+    half = qkv.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    return rotate(q), rotate(k), v
+
+
 class NoiseEmbedding(nn.Module):
-    """Sinusoidal features of the noise level sigma (B,) followed by an MLP -> (B, cond_dim)."""
+    """Sinusoidal features of the noise level sigma (B,) followed by an MLP -> (B, cond_dim). The
+    frequencies are a non-persistent buffer (a derived table, as Rotary's)."""
 
     def __init__(self, cond_dim: int, n_freq: int = 256) -> None:
         super().__init__()
         self.n_freq = n_freq
         self.mlp = nn.Sequential(nn.Linear(n_freq, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.register_buffer("freqs", torch.empty(n_freq // 2, dtype=torch.float32), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the frequencies in place on the device they are on."""
+        half = self.n_freq // 2
+        with torch.no_grad():
+            self.freqs.copy_(torch.exp(-math.log(10000.0) * torch.arange(half, device=self.freqs.device) / half))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         """sigma (...) -> (..., cond_dim)."""
-        half = self.n_freq // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device) / half)
-        args = sigma.float()[..., None] * freqs
+        args = sigma.float()[..., None] * self.freqs
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1).to(self.mlp[0].weight.dtype))
 
 
@@ -219,7 +269,7 @@ class Block(nn.Module):
     def _attention(self, x, cos, sin, mask, cache, cache_write, n_out: int,
                    gate: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, L, D = x.shape
-        q, k, v = RotaryQKV.apply(self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads), cos, sin)
+        q, k, v = rotary_qkv(self.qkv(x).view(B, L, 3, self.n_heads, D // self.n_heads), cos, sin)
         if cache is not None:
             k, v = cache.keys_values(self.layer, k, v, cache_write)
         if n_out < L:
@@ -247,14 +297,19 @@ class Transformer(nn.Module):
         gated = cfg.block == "gated"
         conditioned = gated or cfg.time_conditioning
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, 2 * cfg.max_len)  # past it: computed
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=gated)
         self.noise_embed = NoiseEmbedding(cfg.cond_dim) if conditioned else None
         self.final_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.dim) if conditioned else None
         self._init_gated() if gated else self._init_weights()
-        self.rotary.precompute(2 * cfg.max_len)
+
+    def init_buffers(self) -> None:
+        """Recompute the derived tables (rotary, noise frequencies) in place on the device they are
+        on: after `.to_empty(device=...)` of a model built on the meta device (FSDP2), which leaves
+        them uninitialised. They are not in the state dict, so loading weights does not set them."""
+        init_buffers(self)
 
     def _init_gated(self) -> None:
         """adaLN-zero: every modulation starts at zero, so every block starts as the identity; the
@@ -302,14 +357,14 @@ class Transformer(nn.Module):
         masked positions with it). Returns logits (B, L or n, V) float32, or with `hidden` the
         final normalised states (B, L or n, D) that the output layer would read."""
         B, L = tokens.shape
-        offset = cache.length if cache is not None else 0
-        if positions is None:
-            positions = torch.arange(offset, offset + L, device=tokens.device)
-        cos, sin = self.rotary.cos_sin(positions)
+        offset = cache.length if cache is not None else 0  # a Python int: slicing reads no tensor
+        cos, sin = self.rotary.span(offset, L) if positions is None else self.rotary.cos_sin(positions)
         cond = self.conditioning(sigma, B, tokens.device)  # (B or 1, K, cond_dim) or None
         h = self.embed(tokens)  # (B, L, D)
         if embed_offset is not None:
             h = h + embed_offset.to(h.dtype)
+        # How many rows are scored depends on the mask drawn, so this is data-dependent by nature:
+        # a host sync, and a graph break under torch.compile, paid only by losses that pass logits_at.
         rows = None if logits_at is None else logits_at.reshape(-1).nonzero().squeeze(1)
         whole = hasattr(mask, "mask_mod")  # a FlexAttention mask is kept whole
         last = len(self.blocks) - 1
@@ -351,3 +406,11 @@ class Transformer(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+
+def init_buffers(model: nn.Module) -> None:
+    """Recompute every derived table of `model` (any module holding ddlm backbones, EDLM's
+    composite included) in place: each submodule's `reset_buffers()`."""
+    for module in model.modules():
+        if callable(getattr(module, "reset_buffers", None)):
+            module.reset_buffers()
