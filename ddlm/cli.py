@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def cmd_train(args, extra: list[str]) -> int:
         base = init_base(resolve_checkpoint(overrides["train.init"]), overrides.get("method"))
     run = make_config(recipe=args.config, overrides=overrides, base=base)
     result = train(run, args.out, overwrite=args.overwrite, quiet=args.json)
+    if not result.main:  # under torchrun rank 0 alone reports
+        return 130 if result.interrupted else 0
     payload = {"out": str(result.out_dir), "checkpoint": str(result.checkpoint), "step": result.step,
                "interrupted": result.interrupted, "dtype": result.dtype,
                "tokens_per_second": result.tokens_per_second, "seconds": result.seconds,
@@ -218,6 +221,26 @@ def cmd_quickstart(args, extra: list[str]) -> int:
     return 0
 
 
+# -- data -----------------------------------------------------------------------------------
+def cmd_data(args, extra: list[str]) -> int:
+    from ddlm.data.prepare import prepare_corpus
+
+    if extra:
+        raise DdlmError(f"unexpected argument {extra[0]!r} (see ddlm data --help)")
+    if args.source is None or args.tokenizer is None or args.out is None:
+        raise DdlmError("data prepare needs SOURCE, --tokenizer and --out (see ddlm data --help)")
+    report = prepare_corpus(args.source, args.tokenizer, args.out, workers=args.workers, packing=args.packing,
+                            seq_len=args.seq_len, align=args.align, shard_tokens=args.shard_tokens,
+                            overwrite=args.overwrite, progress=not args.json, bpe_vocab_size=args.bpe_vocab_size)
+    splits = ", ".join(f"{name} {s['tokens']:,} tokens ({s['shards']} shard{'s' * (s['shards'] != 1)})"
+                       for name, s in report["splits"].items())
+    _emit(report, args.json, f"prepared {report['source']} with {report['tokenizer']} into {report['out']}: "
+                             f"{splits}; {report['tokens_per_second']:,.0f} tok/s with {report['workers']} "
+                             f"worker{'s' * (report['workers'] != 1)}; train with --data.corpus "
+                             f"prepared:{report['out']} --data.tokenizer {report['tokenizer']}")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`ddlm: error: ...`, exit 2) instead of usage + error."""
 
@@ -302,6 +325,29 @@ def _quickstart_args(s):
     s.add_argument("--methods", default=None, help="comma-separated methods to train (default ar,mdlm)")
 
 
+def _data_args(s):
+    import os
+
+    s.add_argument("action", choices=["prepare"], help="prepare: tokenize SOURCE once into sharded "
+                                                        "memory-mapped token files plus DIR/index.json")
+    s.add_argument("source", nargs="?", help="austen | text8:PATH | hf:PATH | PATH.txt (large files are streamed)")
+    s.add_argument("--tokenizer", help="char | byte | bpe | cl100k | gpt2 | bert:VOCAB (bert-base-uncased "
+                                       "vocab.txt or tokenizer.json; or bert with $DDLM_BERT_VOCAB)")
+    s.add_argument("--out", help="directory to write (train with --data.corpus prepared:DIR)")
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="tokenizer processes (default: the CPU count); the files do not depend on it")
+    s.add_argument("--packing", default="wrap", help="wrap (documents joined by EOS, cut into rows; default) | "
+                                                     "pad (one row per line: BOS + ids + EOS, padded)")
+    s.add_argument("--seq-len", type=int, default=None, help="check that every split gives a row of L tokens "
+                                                             "(rows are cut when read, at the run's data.seq_len)")
+    s.add_argument("--align", type=int, default=0, metavar="B", help="wrap: pad after each document so the next "
+                                                                     "starts at a multiple of B (BD3-LM blocks)")
+    s.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default 1e8)")
+    s.add_argument("--bpe-vocab-size", type=int, default=2048, help="vocabulary of a bpe tokenizer, trained "
+                                                                    "on the train split (default 2048)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing prepared DIR")
+
+
 COMMANDS = [
     ("train", cmd_train, "train a model (resumes when --out holds the same run)"),
     ("eval", cmd_eval, "likelihood of a checkpoint: BPC, PPL, tokens (a bound for diffusion methods)"),
@@ -310,9 +356,11 @@ COMMANDS = [
     ("compare", cmd_compare, "train every method of a recipe on the same budget, evaluate all, "
                              "write report.md, results.json and plots"),
     ("quickstart", cmd_quickstart, "train small AR and MDLM models on Austen, show samples and BPC"),
+    ("data", cmd_data, "data prepare SOURCE --tokenizer T --out DIR: tokenize a corpus once, in parallel, "
+                       "into sharded memory-mapped token files that training reads in place"),
 ]
 ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "info": _info_args, "compare": _compare_args,
-             "quickstart": _quickstart_args}
+             "quickstart": _quickstart_args, "data": _data_args}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return args.func(args, extra)
     except DdlmError as err:
-        print(f"ddlm: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or getattr(err, "every_rank", False):  # once per job
+            print(f"ddlm: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ddlm: interrupted", file=sys.stderr)

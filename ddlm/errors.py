@@ -20,3 +20,10 @@ class DataError(DdlmError):
 
 class CheckpointError(DdlmError):
     """A checkpoint is missing, corrupt, truncated, or of another run."""
+
+
+class DistributedError(DdlmError):
+    """A process of a distributed job lost the others (one died, hung or was killed). Every rank
+    that sees it says so, naming itself."""
+
+    every_rank = True

@@ -24,7 +24,7 @@ from ddlm.checkpoint import (SHARDED_META, SHARDED_STATE, latest_name, load_chec
                              new_temporary, resolve_checkpoint, save_checkpoint, weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
-from ddlm.errors import ConfigError, DataError, DdlmError
+from ddlm.errors import ConfigError, DataError, DistributedError
 from ddlm.eval.likelihood import evaluate_likelihood
 from ddlm.eval.records import read_jsonl
 from ddlm.progress import progress_bar
@@ -53,6 +53,7 @@ class TrainResult:
     tokens_per_second: float = 0.0
     resumed_from: int = 0
     losses: list[float] = field(default_factory=list)
+    main: bool = True  # rank 0 (or the only process): the one that reports
 
 
 def train(run: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
@@ -61,7 +62,14 @@ def train(run: RunConfig, out_dir: str | Path, *, overwrite: bool = False,
     """Train (or resume) `run` into `out_dir`. `stop_after=k` stops after step k as if interrupted.
     Under torchrun every process calls this; `dist` defaults to the environment's (a world of one
     unless torchrun started this process)."""
-    return Trainer(run, out_dir, overwrite=overwrite, quiet=quiet, dist=dist).fit(stop_after=stop_after)
+    owned = dist is None
+    dist = dist or Distributed.from_environment(runtime.device(), timeout_s=run.train.dist_timeout,
+                                                parallel=run.train.parallel)
+    try:
+        return Trainer(run, out_dir, overwrite=overwrite, quiet=quiet, dist=dist).fit(stop_after=stop_after)
+    finally:
+        if owned:
+            dist.close()
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -222,10 +230,11 @@ class Trainer:
             return self._fit(stop_after)
         except RuntimeError as err:
             if self.dist.world_size > 1:  # a collective failed: another process died or hung
-                raise DdlmError(f"rank {self.dist.rank}: a collective with the other processes failed "
-                                f"({str(err).splitlines()[0][:160]}); another rank died or timed out; rerun "
-                                f"the same command to resume from {latest_name(self.out_dir) or 'the start'}"
-                                ) from None
+                reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+                reason = reason.rsplit("] ", 1)[-1].split(". ")[0][:120]  # gloo/NCCL: the last clause
+                raise DistributedError(f"rank {self.dist.rank} lost the other processes ({reason}): one of them "
+                                       f"died or timed out; rerun the same command to resume from "
+                                       f"{latest_name(self.out_dir) or 'the start'}") from None
             raise
 
     def _fit(self, stop_after: int | None) -> TrainResult:
@@ -286,7 +295,8 @@ class Trainer:
         done = self.step - start_step
         return TrainResult(self.out_dir, self.step, checkpoint, self.step < cfg.steps,
                            runtime.dtype_name(self.dtype), valid, seconds,
-                           done * tokens_per_step / max(seconds, 1e-9), self.resumed_from, losses)
+                           done * tokens_per_step / max(seconds, 1e-9), self.resumed_from, losses,
+                           self.dist.is_main)
 
     def _noise(self, micro: int) -> torch.Generator | None:
         """The noise generator of global micro-batch `micro` of this step (None: the global RNG, as
