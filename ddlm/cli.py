@@ -66,6 +66,8 @@ def cmd_eval(args, extra: list[str]) -> int:
         return eval_generation(args, extra)
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, overrides=extra,
                                  progress=not args.json)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
+        return 0
     text = (f"{result['method']} on {result['corpus']} [{result['split']}]: "
             f"BPC {result['bpc']:.4f} ± {result['bpc_stderr']:.4f}  PPL {result['ppl']:.3f}  "
             f"tokens {result['tokens']:,}  ({result['protocol']})")

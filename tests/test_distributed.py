@@ -261,3 +261,18 @@ def test_two_nodes_by_rendezvous_equal_one_process(corpus, tmp_path):
                            capture_output=True, text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr[-2000:]
     assert_same_weights(tmp_path / "nodes", tmp_path / "whole")
+
+
+def test_torchrun_eval_equals_one_process(references):
+    """`torchrun -m ddlm eval` scores the split sharded over the ranks; rank 0 alone prints it."""
+    one = subprocess.run([sys.executable, "-m", "ddlm", "eval", str(references["bd3"]), "--json"], env=env(),
+                         capture_output=True, text=True, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "ddlm", "eval", str(references["bd3"]), "--json"], env=env(),
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    printed = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1
+    alone = json.loads(one.stdout)
+    assert printed[0]["sequences"] == alone["sequences"]
+    assert abs(printed[0]["nll_per_token"] - alone["nll_per_token"]) < 1e-9

@@ -21,8 +21,18 @@ def protocol_text(method, cfg: EvalConfig, exact: bool) -> str:
 
 def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = None,
                         overrides: list[str] | None = None, progress: bool = False) -> dict:
+    from ddlm.train.distributed import Distributed
+
+    dist = Distributed.from_environment(runtime.device())  # under torchrun: the split sharded over ranks
+    try:
+        return _evaluate_checkpoint(path, data, split, overrides, progress and dist.is_main, dist)
+    finally:
+        dist.close()
+
+
+def _evaluate_checkpoint(path, data, split, overrides, progress, dist) -> dict:
     eval_args, method_options = split_sections(overrides or [], "eval")
-    loaded = load_for_inference(path, method_options=method_options)
+    loaded = load_for_inference(path, dist.device, method_options=method_options)
     run = loaded.run
     if not loaded.method.has_likelihood:
         raise ConfigError(f"no likelihood for method {run.method!r}: it defines no bound to evaluate")
@@ -35,10 +45,10 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
     key = "valid" if cfg.split == "validation" else cfg.split
     if len(datasets[key]) == 0:
         raise DataError(f"split {key!r} of corpus {run.data.corpus!r} holds no full sequence")
-    dtype = runtime.resolve_dtype(run.train.dtype)
+    dtype = runtime.resolve_dtype(run.train.dtype, dist.device)
     result = evaluate_likelihood(loaded.method, loaded.model, datasets[key], batch_size=cfg.batch_size,
                                  n_samples=cfg.t_samples, max_batches=cfg.max_batches, seed=cfg.seed,
-                                 dtype=dtype, progress=progress)
+                                 dtype=dtype, progress=progress, dist=dist)
     out = {"method": run.method, "corpus": run.data.corpus, "split": key,
            "tokenizer": run.data.tokenizer, "step": loaded.step, **result.as_dict(),
            "protocol": protocol_text(loaded.method, cfg, result.exact), "checkpoint": str(loaded.path)}
