@@ -276,3 +276,23 @@ def test_torchrun_eval_equals_one_process(references):
     alone = json.loads(one.stdout)
     assert printed[0]["sequences"] == alone["sequences"]
     assert abs(printed[0]["nll_per_token"] - alone["nll_per_token"]) < 1e-9
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_at_one_step(corpus, tmp_path):
+    """torchrun passes SIGTERM to the workers; they agree on the step to stop after, save it and
+    exit 130 (rank 0 reports the step). torchrun's own exit status is its own (1)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), *cli_args(corpus, out, 100_000, ckpt_every=50)]
+    launcher = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "latest").is_file() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert launcher.poll() is None
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=120)
+    reported = [line for line in stdout.splitlines() if line.startswith("interrupted at step")]
+    assert len(reported) == 1, stdout + stderr[-2000:]
+    step = int(reported[0].split()[3].rstrip(":"))
+    assert (out / "latest").read_text().strip() == f"checkpoints/step_{step:07d}"
+    assert "SIGKILL" not in stderr and "(SIGTERM)" not in stderr  # each worker exited by itself
