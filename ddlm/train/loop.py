@@ -317,8 +317,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for a, micro in enumerate(plan.micro_indices(self.dist.rank)):
             batch = self.loader.take(rows[micro * plan.micro:(micro + 1) * plan.micro])
-            x0 = batch.tokens.to(self.device, non_blocking=True)
-            mask = batch.mask.to(self.device, non_blocking=True) if batch.mask is not None else None
+            x0, mask = self._to_device(batch.tokens), self._to_device(batch.mask)
             with self.dist.skip_sync(self.step_module, last=a == plan.accum - 1):
                 with runtime.autocast(self.dtype, self.device):
                     loss, _ = self.step_module(x0, mask, self._noise(micro))
@@ -339,6 +338,13 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return loss_mean, grad_norm, lr
+
+    def _to_device(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """A CPU batch tensor on the training device; to a GPU through pinned memory, without
+        waiting for the copy."""
+        if tensor is None or self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def validate(self) -> dict:
         cfg = self.run.train
