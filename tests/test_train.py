@@ -233,3 +233,14 @@ def test_method_without_likelihood_validates_its_loss(tmp_path, monkeypatch, cap
     valid = [r for r in rows if r.get("split") == "valid"]
     assert len(valid) == 2 and all("val_loss" in r and "val_bpc" not in r for r in valid)
     assert all(math.isfinite(r["val_loss"]) and r["val_loss"] > 0 for r in valid)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_as_the_plain_model(tmp_path):
+    """train.compile compiles each block in place; the losses equal the eager run's (fp32)."""
+    run = make_config(base={**TINY, "method": "mdlm"}, overrides={"train.steps": "3", "model.dropout": "0"})
+    eager = train(run, tmp_path / "eager", quiet=True)
+    compiled = train(make_config(base=run.to_dict(), overrides={"train.compile": "true"}), tmp_path / "c",
+                     quiet=True)
+    for a, b in zip(eager.losses, compiled.losses):
+        assert abs(a - b) < 1e-4

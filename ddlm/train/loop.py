@@ -155,8 +155,9 @@ class Trainer:
         elif self.method.needs_init and previous is None:
             raise ConfigError(f"method {run.method!r} starts from a trained run: give --init "
                               f"({self.method.needs_init})")
-        step_model = torch.compile(self.model) if cfg.compile else self.model
-        self.step_module = dist.wrap(self.method, step_model, cfg.parallel, compute_dtype=self.dtype)
+        if cfg.compile:
+            compile_blocks(self.model)
+        self.step_module = dist.wrap(self.method, self.model, cfg.parallel, compute_dtype=self.dtype)
         self.sharded = is_sharded(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.ema = EMA(self.model, cfg.ema) if cfg.ema > 0 else None
@@ -465,3 +466,13 @@ class Trainer:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
 
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile every transformer block in place (as torchtitan does): each block is one
+    graph, whatever the method does between them (BD3's masks, the rows a loss asks for), and DDP
+    or FSDP2 wrap the compiled blocks as they would the plain ones."""
+    from ddlm.nn.transformer import Block
+
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile()
