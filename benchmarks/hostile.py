@@ -110,6 +110,26 @@ def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
         torch.save({"step": 1, "model": Payload()}, ckpt / "trainer_state.pt")
         write_manifest(ckpt)
 
+    def sharded_pickle_bomb(copy, ckpt):
+        """A sharded (FSDP2-layout) resume state whose torch.distributed.checkpoint metadata
+        pickle would run a command when torch unpickles it."""
+        import pickle
+
+        import torch
+
+        from ddlm.checkpoint import write_manifest
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {root / 'pwned_sharded'}",))
+
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        (ckpt / "trainer_state.pt").unlink()
+        torch.save({k: state[k] for k in ("step", "loader", "rng", "method")}, ckpt / "trainer_meta.pt")
+        (ckpt / "trainer_state").mkdir()
+        (ckpt / "trainer_state" / ".metadata").write_bytes(pickle.dumps(Payload()))
+        write_manifest(ckpt)
+
     damaged = {
         "random weights": write("model.safetensors", os.urandom(2048)),
         "empty weights": write("model.safetensors", b""),
@@ -125,6 +145,7 @@ def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
         "config with wrong types (manifest rewritten)": wrong_types,
         "config of absurd size (manifest rewritten)": huge,
         "malicious trainer_state.pt (manifest rewritten)": pickle_bomb,
+        "malicious sharded trainer_state/.metadata (manifest rewritten)": sharded_pickle_bomb,
     }
     out = []
     for i, (label, damage) in enumerate(damaged.items()):
@@ -144,6 +165,11 @@ def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
         ("--model.n_layers=1000000", ["train", "--out", str(root / "deep"), "--steps", "1",
                                       "--model.n_layers=1000000"]),
         ("--train.threads=-4", ["train", "--out", str(root / "t"), "--train.threads=-4"]),
+        ("--train.parallel=tp", ["train", "--out", str(root / "t"), "--train.parallel=tp"]),
+        ("--train.micro_batch_size=3 of a batch of 4", ["train", "--out", str(root / "t"), *TINY,
+                                                        "--train.micro_batch_size=3"]),
+        ("--train.grad_accum=2 (the old name)", ["train", "--out", str(root / "t"), "--train.grad_accum=2"]),
+        ("--train.dist_timeout=0", ["train", "--out", str(root / "t"), "--train.dist_timeout=0"]),
         ("--train.lr=-1", ["train", "--out", str(root / "t"), "--train.lr=-1"]),
         ("--model.dim=33 (odd heads)", ["train", "--out", str(root / "t"), "--model.dim=33"]),
         ("unknown method", ["train", "--method", "gpt", "--out", str(root / "t")]),
@@ -200,10 +226,11 @@ def main() -> None:
         print(f"{status:<10} {label}: {message[:150]}")
     tally = {s: sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})}
     print(f"\n{len(results)} bad inputs: " + ", ".join(f"{n} {s}" for s, n in tally.items()))
-    print(f"malicious pickle executed: {(root / 'pwned').exists()}")
+    executed = (root / "pwned").exists() or (root / "pwned_sharded").exists()
+    print(f"malicious pickle executed: {executed}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cases": results, "tally": tally,
-                                          "pickle_executed": (root / "pwned").exists()}, indent=1))
+                                          "pickle_executed": executed}, indent=1))
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -296,3 +296,34 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_at_one_step(corpus, tmp_
     step = int(reported[0].split()[3].rstrip(":"))
     assert (out / "latest").read_text().strip() == f"checkpoints/step_{step:07d}"
     assert "SIGKILL" not in stderr and "(SIGTERM)" not in stderr  # each worker exited by itself
+
+
+class _Payload:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_crafted_sharded_metadata_is_refused_and_not_executed(tmp_path):
+    """torch.distributed.checkpoint unpickles `.metadata` with plain pickle; ddlm reads it first
+    with an allow-list, so a pickle naming anything else is refused and nothing in it runs, while
+    the metadata torch itself writes passes."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from ddlm.errors import CheckpointError
+    from ddlm.train.state import check_sharded_metadata
+
+    folder = tmp_path / "trainer_state"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(pickle.dumps(_Payload(tmp_path / "pwned")))
+    with pytest.raises(CheckpointError, match="refused"):
+        check_sharded_metadata(folder)
+    assert not (tmp_path / "pwned").exists()
+    genuine = tmp_path / "genuine"
+    with pytest.warns(UserWarning):
+        dcp.save({"w": torch.ones(3), "step": 4}, checkpoint_id=str(genuine))
+    check_sharded_metadata(genuine)
