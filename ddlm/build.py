@@ -17,7 +17,14 @@ from ddlm.methods.base import Method, method_class, method_names
 
 def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None
                  ) -> tuple[Tokenizer, dict[str, BlockDataset]]:
-    """Load the corpus, build (or reuse) the tokenizer, and cut each split into blocks."""
+    """Load the corpus, build (or reuse) the tokenizer, and cut each split into blocks. A prepared
+    corpus (`prepared:DIR`, or a directory holding index.json: `ddlm data prepare`) is read in place,
+    its rows memory-mapped, with the tokenizer it was prepared with."""
+    from ddlm.data.prepare import is_prepared, prepared_datasets
+
+    directory = is_prepared(run.data.corpus)
+    if directory is not None:
+        return prepared_datasets(directory, run.data, tokenizer)
     corpus = load_corpus(run.data.corpus, text8_download=run.data.text8_download,
                          cache_dir=runtime.cache_dir() / "corpora")
     if tokenizer is None:

@@ -17,6 +17,10 @@ Split rules, by spec:
 - anything else: a UTF-8 text file, split 90/5/5 by characters at the line
   boundary nearest each cut (mid-line only when no line boundary lies between
   the neighbouring cuts); one document per split.
+
+`ddlm.data.prepare` streams the same sources with the same rules (`pick_cut`, `open_hf`,
+`hf_text_column` are shared with it) into token shards; a "prepared:DIR" spec names such a
+directory, which `load_corpus` refuses (it holds tokens, not text).
 """
 
 from __future__ import annotations
@@ -60,7 +64,8 @@ def corpus_names() -> str:
     """Help text listing the accepted corpus specs."""
     return (
         "austen (embedded Jane Austen novels), text8:PATH (the text8 file), "
-        "hf:PATH (a Hugging Face dataset saved with save_to_disk), or a path to a UTF-8 text file"
+        "hf:PATH (a Hugging Face dataset saved with save_to_disk), a path to a UTF-8 text file, "
+        "or prepared:DIR (tokens written by `ddlm data prepare`; training and evaluation only)"
     )
 
 
@@ -73,6 +78,9 @@ def load_corpus(spec: str | Path, *, text8_download: bool = False, cache_dir: st
     if spec == "austen":
         return _load_austen()
     prefix, _, rest = spec.partition(":")
+    if prefix == "prepared" or (Path(spec) / "index.json").is_file():
+        raise DataError(f"corpus {spec!r} is a prepared token directory: it holds tokens, not text; "
+                        f"training and evaluation read it (--data.corpus), text tools need the original source")
     if prefix in ("text8", "hf") and not rest.strip():
         raise ConfigError(f"corpus {spec!r} needs a path after '{prefix}:'")
     if prefix == "text8":
@@ -92,11 +100,19 @@ def _cut_offsets(text: str, fractions: list[float]) -> list[int]:
     for k, target in enumerate(targets):
         upper = targets[k + 1] if k + 1 < len(targets) else n
         j = bisect.bisect_left(ends, target)
-        near = [ends[x] for x in (j - 1, j) if 0 <= x < len(ends) and prev < ends[x] < upper]
-        cut = min(near, key=lambda e: (abs(e - target), e)) if near else target
-        cuts.append(cut)
-        prev = cut
+        before = ends[j - 1] if j > 0 else None
+        after = ends[j] if j < len(ends) else None
+        prev = pick_cut(target, prev, upper, before, after)
+        cuts.append(prev)
     return cuts
+
+
+def pick_cut(target: int, prev: int, upper: int, before: int | None, after: int | None) -> int:
+    """The cut for `target`: of `before` (the last line end < target) and `after` (the first line
+    end >= target), those strictly between `prev` and `upper`, the nearest (the earlier on a tie);
+    `target` itself when neither qualifies. Shared with the streaming reader of ddlm.data.prepare."""
+    near = [e for e in (before, after) if e is not None and prev < e < upper]
+    return min(near, key=lambda e: (abs(e - target), e)) if near else target
 
 
 def _pieces(text: str, cuts: list[int]) -> list[str]:
@@ -210,6 +226,12 @@ def _load_text8(path: Path, download: bool, cache_dir: str | Path | None) -> Cor
 
 def _hf_texts(ds: object, where: str) -> list[str]:
     """Rows of the text column of a `datasets.Dataset`."""
+    column = hf_text_column(ds, where)
+    return [t for t in ds[column] if t is not None]
+
+
+def hf_text_column(ds: object, where: str) -> str:
+    """The text column of a `datasets.Dataset`: "text", else its only string column."""
     strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if "text" in strings:
         column = "text"
@@ -220,7 +242,7 @@ def _hf_texts(ds: object, where: str) -> list[str]:
             f"{where} has no string column 'text' and {len(strings)} other string columns "
             f"({', '.join(strings) or 'none'}); expected a 'text' column"
         )
-    return [t for t in ds[column] if t is not None]
+    return column
 
 
 def _carve(train: list[str], valid: list[str] | None, test: list[str] | None) -> tuple[list[str], list[str], list[str]]:
@@ -233,8 +255,9 @@ def _carve(train: list[str], valid: list[str] | None, test: list[str] | None) ->
     return train, valid, test
 
 
-def _load_hf(path: Path) -> Corpus:
-    """Hugging Face dataset saved with `save_to_disk`."""
+def open_hf(path: Path) -> dict[str, tuple[object, str] | None]:
+    """{"train", "valid", "test"} -> (`datasets.Dataset`, how messages name it), or None for a split
+    the dataset saved at `path` lacks (a single Dataset is all train; `_carve` fills the gaps)."""
     if not path.exists():
         raise DataError(f"dataset folder '{path}' not found")
     try:
@@ -247,14 +270,18 @@ def _load_hf(path: Path) -> Corpus:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DataError(f"cannot load the Hugging Face dataset '{path}': {first}") from None
     where = f"dataset '{path}'"
-    if isinstance(obj, datasets.DatasetDict):
-        if "train" not in obj:
-            raise DataError(f"{where} has no 'train' split (it has: {', '.join(obj) or 'none'})")
-        valid_key = next((k for k in ("validation", "valid") if k in obj), None)
-        train = _hf_texts(obj["train"], f"{where} split 'train'")
-        valid = _hf_texts(obj[valid_key], f"{where} split '{valid_key}'") if valid_key else None
-        test = _hf_texts(obj["test"], f"{where} split 'test'") if "test" in obj else None
-    else:
-        train, valid, test = _hf_texts(obj, where), None, None
+    if not isinstance(obj, datasets.DatasetDict):
+        return {"train": (obj, where), "valid": None, "test": None}
+    if "train" not in obj:
+        raise DataError(f"{where} has no 'train' split (it has: {', '.join(obj) or 'none'})")
+    valid_key = next((k for k in ("validation", "valid") if k in obj), None)
+    return {split: (obj[key], f"{where} split '{key}'") if key in obj else None
+            for split, key in (("train", "train"), ("valid", valid_key), ("test", "test"))}
+
+
+def _load_hf(path: Path) -> Corpus:
+    """Hugging Face dataset saved with `save_to_disk`."""
+    parts = open_hf(path)
+    train, valid, test = (_hf_texts(*parts[s]) if parts[s] else None for s in ("train", "valid", "test"))
     train, valid, test = _carve(train, valid, test)
     return _checked(f"hf:{path.name}", train, valid, test, f"{len(train) + len(valid) + len(test)} rows")

@@ -1,10 +1,11 @@
-"""Tokenizers behind one protocol: char (text8), byte (UTF-8), bpe (trained), cl100k (offline).
+"""Tokenizers behind one protocol: char (text8), byte (UTF-8), bpe (trained), cl100k and gpt2
+(tiktoken ranks, offline), bert (uncased WordPiece from a vocab file).
 
-Every tokenizer reserves three special ids: bos (which also serves as eos), mask
-(the absorbing-diffusion token) and pad. `encode` never emits them, even when the
-text spells them out. `decode` accepts a list or a 1-D tensor/array of ids in
-[0, vocab_size) and renders the specials as follows: pad is dropped, bos/eos
-becomes "", mask becomes "_" (char, byte) or "<mask>" (bpe, cl100k).
+Every tokenizer reserves three special ids: bos (which also serves as eos, except for bert,
+whose rows are [CLS] ... [SEP] as in BERT), mask (the absorbing-diffusion token) and pad.
+`encode` never emits them, even when the text spells them out. `decode` accepts a list or a 1-D
+tensor/array of ids in [0, vocab_size) and renders the specials as follows: pad is dropped,
+bos/eos becomes "", mask becomes "_" (char, byte) or "<mask>" (bpe, cl100k, gpt2, bert).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ddlm.errors import ConfigError, DataError
 
-TOKENIZER_NAMES = ("bpe", "byte", "char", "cl100k")
+TOKENIZER_NAMES = ("bpe", "byte", "char", "cl100k", "gpt2", "bert")
 
 # A cut here never splits a pre-token of the GPT-2 or cl100k regex, so chunked
 # encoding gives the same ids as encoding the whole text at once.
@@ -190,6 +191,11 @@ class ByteTokenizer:
 BPE_SPECIALS = ("<|bos|>", "<|mask|>", "<|pad|>")
 
 
+def _check_bpe_vocab(vocab_size: int) -> None:
+    if vocab_size < 260:
+        raise ConfigError(f"bpe_vocab_size must be >= 260 (256 bytes + 3 specials + 1); got {vocab_size}")
+
+
 class BPETokenizer:
     """Byte-level BPE from HuggingFace `tokenizers`; specials <|bos|>, <|mask|>, <|pad|>."""
 
@@ -209,11 +215,25 @@ class BPETokenizer:
     @classmethod
     def train(cls, text: str, vocab_size: int = 2048) -> BPETokenizer:
         """Train deterministically on `text` (the corpus's train split)."""
-        if vocab_size < 260:
-            raise ConfigError(f"bpe_vocab_size must be >= 260 (256 bytes + 3 specials + 1); got {vocab_size}")
+        _check_bpe_vocab(vocab_size)
         if not isinstance(text, str) or not text.strip():
             raise DataError("cannot train the bpe tokenizer on an empty text")
-        _utf8(text)
+        return cls.train_from_pieces(iter_chunks(text), vocab_size)
+
+    @classmethod
+    def train_from_pieces(cls, pieces: Iterable[str], vocab_size: int = 2048) -> BPETokenizer:
+        """Train deterministically on the concatenation of `pieces`, streamed (never joined in
+        memory); pieces cut where no pre-token is split give the merges of the joined text."""
+        _check_bpe_vocab(vocab_size)
+        seen_text = False
+
+        def checked() -> Iterator[str]:
+            nonlocal seen_text
+            for piece in pieces:
+                _utf8(piece)
+                seen_text = seen_text or bool(piece.strip())
+                yield piece
+
         from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
         hf = HFTokenizer(models.BPE())
@@ -225,7 +245,9 @@ class BPETokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(iter_chunks(text), trainer=trainer)
+        hf.train_from_iterator(checked(), trainer=trainer)
+        if not seen_text:
+            raise DataError("cannot train the bpe tokenizer on an empty text")
         return cls(hf)
 
     @classmethod
@@ -364,6 +386,207 @@ class Cl100kTokenizer:
         return {"name": self.name, "vocab_size": self.vocab_size}
 
 
+# GPT-2's pre-tokenizer regex, as tiktoken publishes it for "gpt2" / "r50k_base" (an equivalent,
+# faster form of the original release's pattern).
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+GPT2_N_RANKS = 50256  # ordinary ids 0..50255; 50256 is <|endoftext|>
+GPT2_RANKS_ENV = "DDLM_GPT2_RANKS"
+
+
+def gpt2_ranks_path() -> Path:
+    """GPT-2's ranks file: $DDLM_GPT2_RANKS, else whisper/assets/gpt2.tiktoken of the installed
+    openai-whisper package (located without importing it); ConfigError when neither exists."""
+    explicit = os.environ.get(GPT2_RANKS_ENV)
+    if explicit:
+        if not Path(explicit).is_file():
+            raise ConfigError(f"{GPT2_RANKS_ENV}='{explicit}' is not a file; point it at GPT-2's gpt2.tiktoken")
+        return Path(explicit)
+    spec = importlib.util.find_spec("whisper")
+    path = Path(spec.origin).parent / "assets" / "gpt2.tiktoken" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise ConfigError("the gpt2 tokenizer needs GPT-2's BPE ranks file gpt2.tiktoken: run "
+                          "'pip install --no-deps openai-whisper' (it ships whisper/assets/gpt2.tiktoken) "
+                          f"or set {GPT2_RANKS_ENV}=/path/to/gpt2.tiktoken")
+    return path
+
+
+@lru_cache(maxsize=2)
+def _gpt2_encoding(path: str, stamp: tuple[int, int] | None = None) -> tuple[Any, str]:
+    """(tiktoken Encoding of GPT-2, sha256 of its ranks file) built from `path`, offline; cached
+    per (path, its size and mtime `stamp`)."""
+    if importlib.util.find_spec("tiktoken") is None:
+        raise DataError("the gpt2 tokenizer needs the package 'tiktoken': pip install tiktoken")
+    import tiktoken
+
+    try:
+        data = Path(path).read_bytes()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines())}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read GPT-2 ranks '{path}': {exc}") from None
+    if sorted(ranks.values()) != list(range(GPT2_N_RANKS)):
+        raise DataError(f"GPT-2 ranks '{path}' hold {len(ranks)} tokens; expected ranks 0..{GPT2_N_RANKS - 1}")
+    enc = tiktoken.Encoding(name="gpt2_ddlm", pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": GPT2_N_RANKS})
+    return enc, hashlib.sha256(data).hexdigest()
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (tiktoken); bos = eos = GPT-2's own <|endoftext|> (50256), mask 50257,
+    pad 50258."""
+
+    name = "gpt2"
+    vocab_size = 50259
+    bos_id = eos_id = 50256
+    mask_id = 50257
+    pad_id = 50258
+
+    def __init__(self) -> None:
+        self.ranks_path = gpt2_ranks_path()
+        st = self.ranks_path.stat()
+        self._enc, self.ranks_sha256 = _gpt2_encoding(str(self.ranks_path), (st.st_size, st.st_mtime_ns))
+
+    def normalize(self, text: str) -> str:
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        _utf8(text)
+        return self._enc.encode_ordinary(text)
+
+    def decode(self, ids: Any) -> str:
+        out = bytearray()
+        run: list[int] = []
+        for i in _id_list(ids, self.vocab_size):
+            if i < GPT2_N_RANKS:
+                run.append(i)
+                continue
+            if run:
+                out += self._enc.decode_bytes(run)
+                run = []
+            if i == self.mask_id:
+                out += b"<mask>"
+        if run:
+            out += self._enc.decode_bytes(run)
+        return out.decode("utf-8", errors="replace")
+
+    def chars_per_token(self, text: str) -> float:
+        return _ratio(self, text)
+
+    def check_text(self, text: str) -> None:
+        """Every str encodes, except one with unpaired surrogates."""
+        _utf8(text)
+
+    check_prompt = check_text
+
+    def to_dict(self) -> dict:
+        """Name, size and the ranks' sha256: the ranks come back from the package, not the dict."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "ranks_sha256": self.ranks_sha256}
+
+
+BERT_VOCAB_ENV = "DDLM_BERT_VOCAB"
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def _bert_vocab_from_file(path: Path) -> list[str]:
+    """Tokens in id order from a vocab.txt (one token a line) or a `tokenizers` JSON with a
+    WordPiece model."""
+    if not path.is_file():
+        raise DataError(f"bert vocabulary '{path}' not found; give bert-base-uncased's vocab.txt "
+                        f"(30,522 lines) or its tokenizer.json")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read bert vocabulary '{path}': {exc}") from None
+    if not text.lstrip().startswith("{"):
+        return text.splitlines()
+    try:
+        model = json.loads(text).get("model") or {}
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise DataError(f"bert vocabulary '{path}' is not valid tokenizer JSON: {exc}") from None
+    vocab = model.get("vocab") if model.get("type") == "WordPiece" else None
+    if not isinstance(vocab, dict):
+        raise DataError(f"'{path}' holds no WordPiece model with a vocab (type {model.get('type')!r})")
+    by_id = sorted((i, t) for t, i in vocab.items())
+    if [i for i, _ in by_id] != list(range(len(by_id))):
+        raise DataError(f"WordPiece vocab of '{path}' does not number its tokens 0..{len(by_id) - 1}")
+    return [t for _, t in by_id]
+
+
+class BertTokenizer:
+    """Uncased BERT WordPiece (`tokenizers`: BertNormalizer, BertPreTokenizer, WordPiece "##"):
+    lowercases, strips accents, splits punctuation and CJK characters. bos [CLS], eos [SEP],
+    mask [MASK], pad [PAD], all from the vocabulary (bert-base-uncased: 101, 102, 103, 0)."""
+
+    name = "bert"
+
+    def __init__(self, vocab: list[str]) -> None:
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+        if not isinstance(vocab, list) or not all(isinstance(t, str) and t for t in vocab):
+            raise DataError("bert vocabulary must be a list of non-empty token strings")
+        ids: dict[str, int] = {}
+        for i, t in enumerate(vocab):
+            if ids.setdefault(t, i) != i:
+                raise DataError(f"bert vocabulary repeats the token {t!r} (lines {ids[t] + 1} and {i + 1})")
+        missing = [t for t in BERT_SPECIALS if t not in ids]
+        if missing:
+            raise DataError(f"bert vocabulary lacks the special tokens {', '.join(missing)}")
+        hf = HFTokenizer(models.WordPiece(ids, unk_token="[UNK]", max_input_chars_per_word=100))
+        hf.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                   strip_accents=None, lowercase=True)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece(prefix="##")
+        self._hf, self._vocab = hf, list(vocab)
+        self.vocab_size = len(vocab)
+        self.pad_id, self.bos_id, self.eos_id, self.mask_id = (ids[t] for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]"))
+        self._special_text = {self.pad_id: "", self.bos_id: "", self.eos_id: "", self.mask_id: "<mask>"}
+
+    @classmethod
+    def from_spec(cls, spec: str) -> BertTokenizer:
+        """`bert:PATH`, or `bert` with the path in $DDLM_BERT_VOCAB."""
+        path = spec.partition(":")[2] or os.environ.get(BERT_VOCAB_ENV, "")
+        if not path:
+            raise ConfigError("the bert tokenizer needs bert-base-uncased's vocab.txt (30,522 lines) or "
+                              f"tokenizer.json: give --data.tokenizer bert:PATH or set {BERT_VOCAB_ENV}=PATH")
+        return cls(_bert_vocab_from_file(Path(path)))
+
+    def normalize(self, text: str) -> str:
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        _utf8(text)
+        return self._hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Any) -> str:
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in _id_list(ids, self.vocab_size):
+            if i in self._special_text:
+                if run:
+                    pieces.append(self._hf.decode(run, skip_special_tokens=False))
+                    run = []
+                piece = self._special_text[i]
+                if piece:
+                    pieces.append(piece)
+            else:
+                run.append(i)
+        if run:
+            pieces.append(self._hf.decode(run, skip_special_tokens=False))
+        return " ".join(pieces)
+
+    def chars_per_token(self, text: str) -> float:
+        return _ratio(self, text)
+
+    def check_text(self, text: str) -> None:
+        """Every str encodes, except one with unpaired surrogates."""
+        _utf8(text)
+
+    check_prompt = check_text
+
+    def to_dict(self) -> dict:
+        """The whole vocabulary travels with the tokenizer, so a checkpoint needs no vocab file."""
+        return {"name": self.name, "vocab_size": self.vocab_size, "vocab": self._vocab}
+
+
 def build_tokenizer(name: str, train_text: str | None = None, *, bpe_vocab_size: int = 2048) -> Tokenizer:
     """Make the tokenizer `name`; bpe trains on `train_text`."""
     if name == "char":
@@ -372,11 +595,16 @@ def build_tokenizer(name: str, train_text: str | None = None, *, bpe_vocab_size:
         return ByteTokenizer()
     if name == "cl100k":
         return Cl100kTokenizer()
+    if name == "gpt2":
+        return GPT2Tokenizer()
+    if name == "bert" or name.startswith("bert:"):
+        return BertTokenizer.from_spec(name)
     if name == "bpe":
         if train_text is None:
             raise ConfigError("the bpe tokenizer needs train_text (the corpus's train split) to train on")
         return BPETokenizer.train(train_text, bpe_vocab_size)
-    raise ConfigError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZER_NAMES)}")
+    raise ConfigError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZER_NAMES)} "
+                      f"(bert:PATH names its vocab.txt)")
 
 
 def tokenizer_from_dict(d: dict) -> Tokenizer:
@@ -388,6 +616,16 @@ def tokenizer_from_dict(d: dict) -> Tokenizer:
         if not isinstance(d.get("tokenizer_json"), str):
             raise DataError("bpe tokenizer description lacks its 'tokenizer_json' string")
         tok: Tokenizer = BPETokenizer.from_json(d["tokenizer_json"])
+    elif name == "bert":
+        if not isinstance(d.get("vocab"), list):
+            raise DataError("bert tokenizer description lacks its 'vocab' list")
+        tok = BertTokenizer(d["vocab"])
+    elif name == "gpt2":
+        tok = GPT2Tokenizer()
+        want = d.get("ranks_sha256")
+        if want is not None and want != tok.ranks_sha256:
+            raise DataError(f"gpt2 ranks '{tok.ranks_path}' have sha256 {tok.ranks_sha256[:16]}..., but the "
+                            f"tokenizer was made with ranks of sha256 {str(want)[:16]}...")
     elif name in TOKENIZER_NAMES:
         tok = build_tokenizer(name)
     else:

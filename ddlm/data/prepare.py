@@ -1,0 +1,1093 @@
+"""Tokenize a corpus once, in parallel, into sharded memory-mapped token files; read them back lazily.
+
+`prepare_corpus(SOURCE, TOKENIZER, DIR)` (the `ddlm data prepare` command) writes
+
+    DIR/index.json               format, ddlm version, source, the tokenizer's description and its
+                                 fingerprint, dtype, packing; per split: its shards (file, tokens,
+                                 sha256), document offsets, tokens, content tokens and characters
+    DIR/{split}_{k:05d}.bin      raw little-endian ids, uint16 when the vocabulary fits, else uint32
+    DIR/{split}_offsets.npy      int64 offsets (see below) when there are more than OFFSETS_INLINE
+                                 of them; fewer are written inline in index.json
+
+What a split's token stream holds:
+
+- wrap: every document whose normalised text is not empty: its ids, then EOS (the bos id), then,
+  with `align=B`, pad ids up to the next multiple of B (BD3-LM style: every document starts at a
+  multiple of B; pad positions are invalid in the rows' mask). Rows are consecutive L-token slices
+  of the stream; the remainder is dropped. Offsets: each document's first token.
+- pad: the ids of every non-blank line, nothing between them. Row r is [BOS] + line r + [EOS],
+  cut to L and padded, with its valid mask. Offsets: each line's first token.
+
+Offsets end with the stream's length. Rows are cut when read (`open_prepared(DIR).datasets(L)`), so
+one prepared DIR serves any L, and give exactly the rows of `blocks.build_datasets` on the same
+corpus, tokenizer, L and packing. Chars-per-token for BPC is characters / content tokens.
+
+How the work flows, in constant memory whatever the corpus's size: the source is read as a stream
+of documents (text files in blocks, decoded incrementally; hf datasets row batch by row batch);
+each document is cut into chunks of about `chunk_chars` characters where no pre-token of any
+tokenizer is split (between a letter and " letter"; pad packing after a newline; a window of
+`chunk_chars` with no such place, as in unspaced CJK text, is cut at its start); chunks are
+grouped into jobs, tokenized by `workers` processes with a bounded number of jobs in flight, and
+their ids appended in order to the current shard. The result never depends on the number of
+workers. Everything is written to a temporary directory beside DIR and renamed into place at the
+end, so an interrupted prepare leaves no DIR (and the next prepare removes its leftovers).
+
+Text files follow `load_corpus`'s rules (90/5/5 by characters at the nearest line boundary; text8
+90/5/5 without line snapping): a first pass counts the characters, a second finds the line ends
+nearest the cuts, the third tokenizes.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import signal
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddlm.data.corpora import TEXT8_URL, Corpus, hf_text_column, load_corpus, open_hf, pick_cut
+from ddlm.data.tokenizers import (
+    BPETokenizer,
+    Tokenizer,
+    build_tokenizer,
+    canonical_json,
+    fingerprint,
+    tokenizer_from_dict,
+)
+from ddlm.errors import ConfigError, DataError
+
+FORMAT = "ddlm-prepared"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+PACKINGS = ("pad", "wrap")
+CHUNK_CHARS = 1 << 20  # characters per tokenizer chunk (and per job, at least)
+SHARD_TOKENS = 100_000_000
+OFFSETS_INLINE = 1024  # more offsets than this go to a .npy beside the shards
+READ_BYTES = 1 << 22
+SCAN_BAR_BYTES = 1 << 28  # files larger than this show bars for their two scans
+RECENT_SECONDS = 2.0  # a shard modified this recently is always re-hashed (see _verified)
+
+# A cut between a letter and " letter" splits no pre-token of the GPT-2 / cl100k / BERT / ByteLevel
+# pre-tokenizers and no run that char normalisation collapses.
+_WRAP_CUT = re.compile(r"(?<=[A-Za-z])(?= [A-Za-z])")
+
+
+def token_dtype(tok: Tokenizer) -> np.dtype:
+    """Little-endian uint16 when every id fits (vocab_size <= 65535), else uint32 (as
+    `blocks.stream_dtype`, with the byte order fixed for the files)."""
+    return np.dtype("<u2" if tok.vocab_size <= 65535 else "<u4")
+
+
+# -- sources: a flat stream of events ----------------------------------------------------------
+# ("begin_split", name), ("begin_doc",), ("text", str), ("end_doc",), ("end_split",)
+
+
+def _check_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} '{path}' not found")
+    if path.is_dir():
+        raise DataError(f"{what} '{path}' is a directory; expected a text file")
+
+
+def _decoded_blocks(path: Path, what: str, on_bytes=None) -> Iterator[str]:
+    """The UTF-8 text of `path` in blocks (BOM dropped); DataError as `corpora._read_text` words it."""
+    _check_file(path, what)
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, first = 0, True
+    with f:
+        while True:
+            try:
+                data = f.read(READ_BYTES)
+            except OSError as exc:
+                raise DataError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
+            if b"\x00" in data:
+                raise DataError(f"'{path}' is not a text file (it contains NUL bytes)")
+            pending = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                at = offset - pending + exc.start
+                raise DataError(f"'{path}' is not a text file (invalid UTF-8 at byte {at})") from None
+            offset += len(data)
+            if on_bytes is not None:
+                on_bytes(len(data))
+            if first and text:
+                text, first = text.removeprefix("\ufeff"), False
+            if text:
+                yield text
+            if not data:
+                return
+
+
+class _CharStream:
+    """Consecutive character ranges of a block iterator."""
+
+    def __init__(self, blocks: Iterator[str]) -> None:
+        self._blocks, self._carry = blocks, ""
+
+    def take(self, n: int) -> Iterator[str]:
+        while n > 0:
+            if not self._carry:
+                self._carry = next(self._blocks, "")
+                if not self._carry:
+                    return
+            piece, self._carry = self._carry[:n], self._carry[n:]
+            n -= len(piece)
+            yield piece
+
+
+def _pieces(text: str) -> Iterator[tuple]:
+    """("text", piece) events of an in-memory document, in blocks (the chunker's buffer stays small)."""
+    for start in range(0, len(text), READ_BYTES):
+        yield ("text", text[start:start + READ_BYTES])
+
+
+class _Source:
+    """A corpus as events; `events()` may be called more than once (a bpe tokenizer trains first)."""
+
+    name = ""
+
+    def events(self) -> Iterator[tuple]:
+        raise NotImplementedError
+
+
+class _CorpusSource(_Source):
+    """A corpus already in memory (the embedded Austen novels, or a `Corpus`)."""
+
+    def __init__(self, corpus: Corpus) -> None:
+        self.corpus, self.name = corpus, corpus.name
+
+    def events(self) -> Iterator[tuple]:
+        for split in SPLITS:
+            yield ("begin_split", split)
+            for doc in self.corpus.split(split):
+                yield ("begin_doc",)
+                yield from _pieces(doc)
+                yield ("end_doc",)
+            yield ("end_split",)
+
+
+class _FileSource(_Source):
+    """A text file (or text8) streamed: one document per split, cut at character offsets."""
+
+    def __init__(self, path: Path, *, text8: bool, progress: bool) -> None:
+        self.path, self.text8, self.name = path, text8, "text8" if text8 else (path.stem or str(path))
+        self.what = "text8 file" if text8 else "corpus file"
+        _check_file(path, self.what)
+        progress = progress and path.stat().st_size > SCAN_BAR_BYTES  # the scans of a small file are instant
+        n, has_text = 0, False
+        with _bar(progress, path, "count") as bar:
+            for text in _decoded_blocks(path, self.what, bar.update):
+                n += len(text)
+                has_text = has_text or not text.isspace()
+        if not has_text:
+            raise DataError(f"corpus '{path}' is empty")
+        self.n = n
+        if text8:
+            cuts = [n * 90 // 100, n * 95 // 100]
+        else:
+            targets = [round(0.90 * n), round(0.95 * n)]
+            before, after = self._line_ends_near(targets, progress)
+            cuts, prev = [], 0
+            for k, target in enumerate(targets):
+                upper = targets[k + 1] if k + 1 < len(targets) else n
+                prev = pick_cut(target, prev, upper, before[k], after[k])
+                cuts.append(prev)
+        self.bounds = [0, *cuts, n]
+
+    def _line_ends_near(self, targets: list[int], progress: bool) -> tuple[list, list]:
+        """For each target: the last line end (offset after a newline) < target, the first >= target."""
+        before: list[int | None] = [None] * len(targets)
+        after: list[int | None] = [None] * len(targets)
+        c0 = 0
+        with _bar(progress, self.path, "find cuts") as bar:
+            for text in _decoded_blocks(self.path, self.what, bar.update):
+                for k, target in enumerate(targets):
+                    lo = target - c0 - 1  # newline index i gives line end c0 + i + 1
+                    if lo > 0:
+                        i = text.rfind("\n", 0, min(lo, len(text)))
+                        if i >= 0:
+                            before[k] = c0 + i + 1
+                    if after[k] is None and lo < len(text):
+                        i = text.find("\n", max(lo, 0))
+                        if i >= 0:
+                            after[k] = c0 + i + 1
+                c0 += len(text)
+        return before, after
+
+    def events(self) -> Iterator[tuple]:
+        stream = _CharStream(_decoded_blocks(self.path, self.what))
+        for split, a, b in zip(SPLITS, self.bounds, self.bounds[1:]):
+            yield ("begin_split", split)
+            yield ("begin_doc",)
+            for piece in stream.take(b - a):
+                yield ("text", piece)
+            yield ("end_doc",)
+            yield ("end_split",)
+
+
+class _HFSource(_Source):
+    """A dataset saved with `save_to_disk`, read in row batches; splits as `load_corpus` makes them."""
+
+    BATCH = 1000
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.name = path, f"hf:{path.name}"
+        parts = open_hf(path)
+        self.columns = {s: hf_text_column(*parts[s]) for s in SPLITS if parts[s]}
+        self.parts = parts
+        missing = [s for s in ("valid", "test") if parts[s] is None]
+        # (dataset split, first, end) of non-null rows per split; carved as corpora._carve does
+        ranges: dict[str, tuple[str, int | None, int | None]] = {s: (s, 0, None) for s in SPLITS}
+        if missing:
+            n = sum(1 for _ in self._rows("train", 0, None))
+            k = max(1, round(0.05 * n))
+            rows = range(n)
+            if "test" in missing:
+                rows, test = rows[:-k], rows[-k:]
+                ranges["test"] = ("train", test.start, test.stop)
+            if "valid" in missing:
+                rows, valid = rows[:-k], rows[-k:]
+                ranges["valid"] = ("train", valid.start, valid.stop)
+            ranges["train"] = ("train", rows.start, rows.stop)
+        self.ranges = ranges
+
+    def _rows(self, part: str, start: int, stop: int | None) -> Iterator[str]:
+        """Non-null texts number start..stop-1 (counting non-null rows only) of `part`."""
+        ds, column = self.parts[part][0], self.columns[part]
+        i = 0
+        for batch in ds.select_columns([column]).iter(batch_size=self.BATCH):
+            for text in batch[column]:
+                if text is None:
+                    continue
+                if stop is not None and i >= stop:
+                    return
+                if i >= start:
+                    yield text
+                i += 1
+
+    def events(self) -> Iterator[tuple]:
+        for split in SPLITS:
+            yield ("begin_split", split)
+            for text in self._rows(*self.ranges[split]):
+                yield ("begin_doc",)
+                yield from _pieces(text)
+                yield ("end_doc",)
+            yield ("end_split",)
+
+
+def is_prepared(spec: Any) -> Path | None:
+    """The directory a corpus spec names when it is a prepared one ("prepared:DIR", or a directory
+    holding index.json), else None."""
+    if isinstance(spec, Path):
+        return spec if (spec / "index.json").is_file() else None
+    if not isinstance(spec, str):
+        return None
+    if spec.startswith("prepared:"):
+        return Path(spec[len("prepared:"):])
+    return Path(spec) if spec and (Path(spec) / "index.json").is_file() else None
+
+
+def _open_source(source: Any, progress: bool) -> _Source:
+    """The reader of a SOURCE spec: what `load_corpus` understands, streamed where it can be."""
+    if isinstance(source, Corpus):
+        return _CorpusSource(source)
+    if isinstance(source, Path):
+        return _FileSource(source, text8=False, progress=progress)
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"source must be a non-empty corpus spec; got {source!r}")
+    if is_prepared(source) is not None:
+        raise DataError(f"source {source!r} is already a prepared token directory")
+    prefix, _, rest = source.partition(":")
+    if prefix in ("text8", "hf") and not rest.strip():
+        raise ConfigError(f"corpus {source!r} needs a path after '{prefix}:'")
+    if prefix == "text8":
+        if not Path(rest).exists():
+            raise DataError(f"text8 file '{rest}' not found (fetch {TEXT8_URL} and unzip it)")
+        return _FileSource(Path(rest), text8=True, progress=progress)
+    if prefix == "hf":
+        return _HFSource(Path(rest))
+    if source == "austen":
+        return _CorpusSource(load_corpus("austen"))
+    return _FileSource(Path(source), text8=False, progress=progress)
+
+
+# -- chunks and jobs ----------------------------------------------------------------------------
+
+
+def _cut(buf: str, pad: bool, size: int, final: bool) -> int | None:
+    """Where to end the next chunk of `buf`, or None to wait for more text."""
+    if pad:
+        if len(buf) >= size:
+            i = buf.find("\n", size - 1)
+            if i >= 0:
+                return i + 1
+        return len(buf) if final else None
+    if len(buf) <= size:
+        return len(buf) if final else None
+    if len(buf) < 2 * size and not final:
+        return None
+    match = _WRAP_CUT.search(buf, size, 2 * size)
+    return match.start() if match else size
+
+
+def _chunks(events: Iterator[tuple], pad: bool, size: int) -> Iterator[tuple]:
+    """The events with each document's text re-cut into ("text", chunk) of about `size` characters."""
+    buf = ""
+    for event in events:
+        if event[0] != "text" and event[0] != "end_doc":
+            yield event
+            continue
+        final = event[0] == "end_doc"
+        if not final:
+            buf += event[1]
+        while buf:
+            cut = _cut(buf, pad, size, final)
+            if cut is None:
+                break
+            yield ("text", buf[:cut])
+            buf = buf[cut:]
+        if final:
+            yield event
+
+
+def _batches(items: Iterator[tuple], size: int) -> Iterator[list[tuple]]:
+    """Items grouped so that each group's text totals at least `size` characters (the last may
+    hold less): one job per group keeps short documents (a line of LM1B) from costing a job each."""
+    group: list[tuple] = []
+    chars = 0
+    for item in items:
+        group.append(item)
+        if item[0] == "text":
+            chars += len(item[1])
+            if chars >= size:
+                yield group
+                group, chars = [], 0
+    if group:
+        yield group
+
+
+_WORKER: tuple[Tokenizer, np.dtype, bool] | None = None  # (tokenizer, dtype, pad) in a worker
+
+
+def _init_worker(tok_dict: dict, tok_print: str, dtype: str, pad: bool) -> None:
+    """Worker set-up: a forked worker keeps the parent's tokenizer; a spawned one rebuilds it."""
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tok = _WORKER[0] if _WORKER is not None and fingerprint(_WORKER[0]) == tok_print else tokenizer_from_dict(tok_dict)
+    _WORKER = (tok, np.dtype(dtype), pad)
+
+
+def _encode(tok: Tokenizer, dtype: np.dtype, pad: bool, text: str) -> tuple[np.ndarray, int, np.ndarray | None]:
+    """(ids, normalised characters, ids per line (pad) or None) of one chunk."""
+    if not pad:
+        norm = tok.normalize(text)
+        return np.asarray(tok.encode(norm), dtype=dtype), len(norm), None
+    ids: list[int] = []
+    lengths: list[int] = []
+    chars = 0
+    for line in text.splitlines():
+        if line.strip():
+            line_ids = tok.encode(line)
+            ids.extend(line_ids)
+            lengths.append(len(line_ids))
+            chars += len(tok.normalize(line))
+    return np.asarray(ids, dtype=dtype), chars, np.asarray(lengths, dtype=np.int64)
+
+
+def _encode_texts(texts: list[str]) -> list[tuple[np.ndarray, int, np.ndarray | None]]:
+    """The job a worker runs."""
+    tok, dtype, pad = _WORKER
+    return [_encode(tok, dtype, pad, t) for t in texts]
+
+
+def _encoded(groups: Iterator[list[tuple]], workers: int, tok: Tokenizer, dtype: np.dtype,
+             pad: bool) -> Iterator[tuple[list[tuple], list]]:
+    """(group, encodings of its texts) in order; `workers` > 1 tokenizes in that many processes
+    with at most 2 x workers + 1 groups in flight."""
+    if workers == 1:
+        for group in groups:
+            yield group, [_encode(tok, dtype, pad, item[1]) for item in group if item[0] == "text"]
+        return
+    global _WORKER
+    _WORKER = (tok, dtype, pad)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no rayon pool across a fork
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                               initargs=(tok.to_dict(), fingerprint(tok), dtype.str, pad))
+    pending: deque = deque()
+    try:
+        for group in groups:
+            texts = [item[1] for item in group if item[0] == "text"]
+            pending.append((group, pool.submit(_encode_texts, texts) if texts else None))
+            while len(pending) > 2 * workers:
+                done, future = pending.popleft()
+                yield done, future.result() if future is not None else []
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result() if future is not None else []
+    except BrokenProcessPool:
+        raise DataError("a tokenizer worker died (killed, or out of memory)") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _SplitWriter:
+    """Appends one split's ids to shards of at most `shard_tokens` tokens, hashing as it writes,
+    and its offsets to a scratch file."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
+        self.position = 0
+        self.shards: list[dict] = []
+        self._file = None
+        self._hash = None
+        self._in_shard = 0
+        self._offsets_path = folder / f".{split}_offsets.raw"
+        self._offsets_file = open(self._offsets_path, "wb")
+        self._offsets: list[int] = []
+        self.n_offsets = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = np.ascontiguousarray(ids, dtype=self.dtype)
+        while len(ids):
+            if self._file is None:
+                name = f"{self.split}_{len(self.shards):05d}.bin"
+                self._file, self._hash, self._in_shard = open(self.folder / name, "wb"), hashlib.sha256(), 0
+                self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+            part = ids[: self.shard_tokens - self._in_shard]
+            data = part.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._in_shard += len(part)
+            self.position += len(part)
+            ids = ids[len(part):]
+            if self._in_shard == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._file.close()
+        self.shards[-1].update(tokens=self._in_shard, sha256=self._hash.hexdigest())
+        self._file = None
+
+    def mark(self, offset: int) -> None:
+        self._offsets.append(offset)
+        if len(self._offsets) >= 1 << 16:
+            self._flush_offsets()
+
+    def _flush_offsets(self) -> None:
+        np.asarray(self._offsets, dtype="<i8").tofile(self._offsets_file)
+        self.n_offsets += len(self._offsets)
+        self._offsets = []
+
+    def close(self) -> dict:
+        """Finish the shards and the offsets; the index entry's shards and offsets."""
+        if self._file is not None:
+            self._close_shard()
+        self.mark(self.position)  # the end
+        self._flush_offsets()
+        self._offsets_file.close()
+        n = self.n_offsets
+        if n <= OFFSETS_INLINE:
+            offsets: Any = np.fromfile(self._offsets_path, dtype="<i8").tolist()
+        else:
+            name = f"{self.split}_offsets.npy"
+            out = np.lib.format.open_memmap(self.folder / name, mode="w+", dtype="<i8", shape=(n,))
+            step = 1 << 20
+            for start in range(0, n, step):
+                out[start:start + step] = np.fromfile(self._offsets_path, dtype="<i8", count=min(step, n - start),
+                                                      offset=8 * start)
+            out.flush()
+            del out
+            offsets = {"file": name, "count": n, "sha256": _sha256_file(self.folder / name)}
+        self._offsets_path.unlink()
+        return {"shards": self.shards, "offsets": offsets}
+
+    def abort(self) -> None:
+        for f in (self._file, self._offsets_file):
+            if f is not None and not f.closed:
+                f.close()
+
+
+def _bar(progress: bool, path: Path | None = None, desc: str = "", **kw):
+    from ddlm.progress import progress_bar
+
+    if path is not None:
+        try:
+            kw.setdefault("total", path.stat().st_size)
+        except OSError:
+            pass
+        kw.setdefault("unit", "B")
+    kw.setdefault("leave", False)
+    return progress_bar(desc=desc, unit_scale=True, disable=not progress, **kw)
+
+
+def _tokenize_into(folder: Path, src: _Source, tok: Tokenizer, *, packing: str, align: int,
+                   shard_tokens: int, chunk_chars: int, workers: int, progress: bool) -> dict:
+    """Tokenize every split of `src` into `folder`; the index's "splits" entry."""
+    pad = packing == "pad"
+    dtype = token_dtype(tok)
+    eos = np.array([tok.bos_id], dtype=dtype)
+    splits: dict[str, dict] = {}
+    writer: _SplitWriter | None = None
+    stats: dict[str, Any] = {}
+    doc_start = doc_chars = 0
+    encoded = _encoded(_batches(_chunks(src.events(), pad, chunk_chars), chunk_chars), workers, tok, dtype, pad)
+    bar = _bar(progress, desc="tokenize", unit="tok", leave=True)
+    try:
+        for group, results in encoded:
+            results = iter(results)
+            for item in group:
+                kind = item[0]
+                if kind == "text":
+                    ids, chars, lengths = next(results)
+                    stats["has_text"] = stats["has_text"] or not item[1].isspace()
+                    if pad:  # each line's first token
+                        start = writer.position
+                        for length in lengths.tolist():
+                            writer.mark(start)
+                            start += length
+                        stats["documents"] += len(lengths)
+                    writer.write(ids)
+                    stats["content_tokens"] += len(ids)
+                    stats["characters"] += chars
+                    doc_chars += chars
+                    bar.update(len(ids))
+                elif kind == "begin_doc":
+                    doc_start, doc_chars = writer.position, 0
+                elif kind == "end_doc":
+                    if not pad and doc_chars > 0:  # a document whose normalised text is empty is skipped
+                        writer.mark(doc_start)
+                        writer.write(eos)
+                        stats["documents"] += 1
+                        if align and writer.position % align:
+                            writer.write(np.full(align - writer.position % align, tok.pad_id, dtype=dtype))
+                elif kind == "begin_split":
+                    writer = _SplitWriter(folder, item[1], dtype, shard_tokens)
+                    stats = {"name": item[1], "has_text": False, "documents": 0, "content_tokens": 0,
+                             "characters": 0}
+                elif kind == "end_split":
+                    if not stats["has_text"]:
+                        raise DataError(f"corpus '{src.name}' is too small to give a non-empty {stats['name']} split")
+                    entry = writer.close()
+                    splits[stats["name"]] = {"tokens": writer.position, "content_tokens": stats["content_tokens"],
+                                             "characters": stats["characters"], "documents": stats["documents"],
+                                             **entry}
+                    writer = None
+    finally:
+        bar.close()
+        encoded.close()
+        if writer is not None:
+            writer.abort()
+    return splits
+
+
+# -- the whole prepare ---------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temporary directories of earlier prepares of `out` whose process is gone (killed)."""
+    for kind in ("prepare", "old"):
+        for path in out.parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name.rpartition("-")[2]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; name a directory for the prepared corpus")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--out '{out}' exists and is not empty; give --overwrite to replace it")
+        if not (out / "index.json").is_file():
+            raise ConfigError(f"--out '{out}' is not a prepared corpus (no index.json); refusing to replace it")
+
+
+def _make_tokenizer(spec: Any, src: _Source, bpe_vocab_size: int, chunk_chars: int) -> Tokenizer:
+    """The tokenizer `spec` names; bpe trains on the source's train split, streamed."""
+    if not isinstance(spec, str):
+        return spec
+    if spec != "bpe":
+        return build_tokenizer(spec)
+
+    def train_pieces() -> Iterator[str]:
+        in_train, first = False, True
+        for event in _chunks(src.events(), False, chunk_chars):
+            if event[0] == "begin_split":
+                in_train = event[1] == "train"
+            elif in_train and event[0] == "end_split":
+                return
+            elif in_train and event[0] == "begin_doc":
+                if not first:
+                    yield "\n"  # as prepare_data joins the train documents
+                first = False
+            elif in_train and event[0] == "text":
+                yield event[1]
+
+    return BPETokenizer.train_from_pieces(train_pieces(), bpe_vocab_size)
+
+
+def _positive(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}; got {value!r}")
+    return value
+
+
+def prepare_corpus(source: Any, tokenizer: Any, out: str | Path, *, workers: int = 1, packing: str = "wrap",
+                   seq_len: int | None = None, align: int = 0, shard_tokens: int = SHARD_TOKENS,
+                   overwrite: bool = False, progress: bool = True, bpe_vocab_size: int = 2048,
+                   chunk_chars: int = CHUNK_CHARS) -> dict:
+    """Tokenize `source` (a `load_corpus` spec, a Path or a Corpus) with `tokenizer` (a name, or a
+    Tokenizer) into the directory `out` (see the module docstring). `seq_len` only checks that every
+    split gives a row of that length (rows are cut when read). Returns a summary with timings."""
+    if packing not in PACKINGS:
+        raise ConfigError(f"unknown packing {packing!r}; choose one of: {', '.join(PACKINGS)}")
+    for name, value, low in (("--workers", workers, 1), ("--shard-tokens", shard_tokens, 1),
+                             ("--align", align, 0), ("chunk_chars", chunk_chars, 1)):
+        _positive(name, value, low)
+    if seq_len is not None:
+        _positive("--seq-len", seq_len, 2)
+    if align and packing != "wrap":
+        raise ConfigError("--align applies to wrap packing only")
+    if align and seq_len is not None and seq_len % align:
+        raise ConfigError(f"--seq-len {seq_len} must be a multiple of --align {align}")
+    out = Path(out)
+    _check_out(out, overwrite)
+    src = _open_source(source, progress)
+    tok = _make_tokenizer(tokenizer, src, bpe_vocab_size, chunk_chars)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out)
+    tmp = out.parent / f".{out.name}.prepare-{os.getpid()}"
+    started = time.perf_counter()
+    try:
+        tmp.mkdir()
+        splits = _tokenize_into(tmp, src, tok, packing=packing, align=align, shard_tokens=shard_tokens,
+                                chunk_chars=chunk_chars, workers=workers, progress=progress)
+        seconds = time.perf_counter() - started
+        index = _index(source, src, tok, packing=packing, align=align, seq_len=seq_len, chunk_chars=chunk_chars,
+                       splits=splits)
+        if seq_len is not None:
+            for split in SPLITS:
+                _rows_available(index, split, seq_len, src.name)
+        (tmp / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    total = sum(s["tokens"] for s in splits.values())
+    return {"out": str(out), "source": index["source"], "tokenizer": tok.name, "packing": packing,
+            "workers": workers, "dtype": index["dtype"], "seconds": seconds, "tokens": total,
+            "tokens_per_second": total / max(seconds, 1e-9),
+            "splits": {name: {"tokens": s["tokens"], "documents": s["documents"], "characters": s["characters"],
+                              "shards": len(s["shards"])} for name, s in splits.items()}}
+
+
+def _index(source: Any, src: _Source, tok: Tokenizer, *, packing: str, align: int, seq_len: int | None,
+           chunk_chars: int, splits: dict) -> dict:
+    from ddlm import __version__
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "ddlm_version": __version__,
+            "source": source.name if isinstance(source, Corpus) else str(source), "corpus": src.name,
+            "tokenizer": tok.to_dict(), "tokenizer_fingerprint": fingerprint(tok),
+            "tokenizer_sha256": hashlib.sha256(canonical_json(tok.to_dict()).encode("utf-8")).hexdigest(),
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "mask_id": tok.mask_id,
+            "pad_id": tok.pad_id, "dtype": token_dtype(tok).name, "packing": packing, "align": align,
+            "seq_len": seq_len, "chunk_chars": chunk_chars, "offsets": "document starts" if packing == "wrap"
+            else "line starts", "splits": splits}
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`; an existing `out` (empty, or a prepared corpus being overwritten) is
+    moved aside first and removed after."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _rows_available(index: dict, split: str, seq_len: int, name: str) -> int:
+    """Rows of `split` at `seq_len`; DataError (as build_datasets words it) when there are none."""
+    entry = index["splits"][split]
+    if index["packing"] == "wrap":
+        n = entry["tokens"] // seq_len
+        if n == 0:
+            raise DataError(f"{split} split of corpus '{name}': corpus too small: {entry['tokens']} tokens "
+                            f"< one block of {seq_len}")
+        return n
+    if entry["documents"] == 0:
+        raise DataError(f"{split} split of corpus '{name}': no non-empty lines to pad into rows")
+    return entry["documents"]
+
+
+class TokenStream:
+    """A split's 1-D token stream over its shard files, each memory-mapped on first use."""
+
+    def __init__(self, paths: list[Path], counts: list[int], dtype: np.dtype) -> None:
+        self.paths, self.dtype = paths, dtype
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._maps: list[np.memmap | None] = [None] * len(paths)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self) -> dict:  # a copy maps the files again; it never carries their contents
+        return {**self.__dict__, "_maps": [None] * len(self.paths)}
+
+    def _map(self, k: int) -> np.memmap:
+        if self._maps[k] is None:
+            self._maps[k] = np.memmap(self.paths[k], dtype=self.dtype, mode="r",
+                                      shape=(int(self.starts[k + 1] - self.starts[k]),))
+        return self._maps[k]
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        """Tokens at `positions` (int64, any shape); only their pages are read."""
+        flat = positions.ravel()
+        out = np.empty(flat.shape, dtype=self.dtype)
+        if len(self.paths) == 1:
+            out[:] = self._map(0)[flat]
+        elif flat.size:
+            shard = np.searchsorted(self.starts, flat, side="right") - 1
+            for k in np.unique(shard):
+                sel = shard == k
+                out[sel] = self._map(int(k))[flat[sel] - self.starts[k]]
+        return out.reshape(positions.shape)
+
+
+class LazyRows:
+    """An (N, L) array-like whose indexing (an int, a slice, an int/bool array, optionally with a
+    column slice: `rows[idx, :k]`) reads only the rows asked for."""
+
+    ndim = 2
+
+    def __init__(self, n: int, seq_len: int, dtype: np.dtype) -> None:
+        self.shape = (n, seq_len)
+        self.dtype = np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:  # (B,) int64 in range -> (B, L)
+        raise NotImplementedError
+
+    def _row_index(self, key: Any) -> tuple[np.ndarray, bool]:
+        n = self.shape[0]
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key) + (n if key < 0 else 0)
+            if not 0 <= i < n:
+                raise IndexError(f"row {key} out of range for {n} rows")
+            return np.array([i], dtype=np.int64), True
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n), dtype=np.int64), False
+        rows = np.asarray(key)
+        if rows.dtype == bool:
+            if rows.shape != (n,):
+                raise IndexError(f"boolean row index of shape {rows.shape} for {n} rows")
+            return np.flatnonzero(rows).astype(np.int64), False
+        if rows.dtype.kind not in "iu":
+            raise IndexError(f"rows must be indexed by integers; got {rows.dtype}")
+        rows = rows.astype(np.int64)
+        rows = np.where(rows < 0, rows + n, rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        return rows, False
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        cols: Any = slice(None)
+        if isinstance(key, tuple):
+            if len(key) > 2:
+                raise IndexError(f"too many indices for a 2-D array: {len(key)}")
+            key, cols = key if len(key) == 2 else (key[0], slice(None))
+        rows, scalar = self._row_index(key)
+        out = self._rows(rows.ravel()).reshape(*rows.shape, self.shape[1])
+        if scalar:
+            out = out[0]
+        return out[..., cols]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+class WrapRows(LazyRows):
+    """Row i = stream[i L : (i + 1) L]."""
+
+    def __init__(self, stream: TokenStream, seq_len: int) -> None:
+        super().__init__(len(stream) // seq_len, seq_len, stream.dtype)
+        self.stream, self._cols = stream, np.arange(seq_len, dtype=np.int64)
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.stream.take(rows[:, None] * self.shape[1] + self._cols)
+
+
+class NotPad(LazyRows):
+    """The valid mask of rows whose padding is written in the stream (aligned wrap): id != pad."""
+
+    def __init__(self, tokens: LazyRows, pad_id: int) -> None:
+        super().__init__(*tokens.shape, np.bool_)
+        self.tokens, self.pad_id = tokens, pad_id
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        return self.tokens._rows(rows) != self.pad_id
+
+
+class PadRows(LazyRows):
+    """Row r = [BOS] + line r + [EOS] cut to L, padded with pad; line r = stream[off[r]:off[r+1]]."""
+
+    def __init__(self, stream: TokenStream, offsets: np.ndarray, seq_len: int, bos: int, eos: int, pad: int) -> None:
+        super().__init__(len(offsets) - 1, seq_len, stream.dtype)
+        self.stream, self.offsets, self.ids = stream, offsets, (bos, eos, pad)
+        self._cols = np.arange(seq_len - 1, dtype=np.int64)
+
+    def __getstate__(self) -> dict:  # memory-mapped offsets travel as their file's path
+        state = dict(self.__dict__)
+        if isinstance(self.offsets, np.memmap):
+            state["offsets"] = Path(self.offsets.filename)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["offsets"], Path):
+            state["offsets"] = np.load(state["offsets"], mmap_mode="r")
+        self.__dict__.update(state)
+
+    def lengths(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = np.asarray(self.offsets[rows], dtype=np.int64)
+        return starts, np.asarray(self.offsets[rows + 1], dtype=np.int64) - starts
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        bos, eos, pad = self.ids
+        seq_len = self.shape[1]
+        starts, lengths = self.lengths(rows)
+        out = np.full((len(rows), seq_len), pad, dtype=self.dtype)
+        out[:, 0] = bos
+        body = self._cols < np.minimum(lengths, seq_len - 1)[:, None]
+        out[:, 1:][body] = self.stream.take((starts[:, None] + self._cols)[body])
+        ended = np.flatnonzero(lengths + 2 <= seq_len)
+        out[ended, lengths[ended] + 1] = eos
+        return out
+
+
+class PadValid(LazyRows):
+    """The valid mask of PadRows: True on BOS, the line's ids and EOS (within L)."""
+
+    def __init__(self, tokens: PadRows) -> None:
+        super().__init__(*tokens.shape, np.bool_)
+        self.tokens = tokens
+        self._cols = np.arange(tokens.shape[1], dtype=np.int64)
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        _, lengths = self.tokens.lengths(rows)
+        return self._cols < np.minimum(lengths + 2, self.shape[1])[:, None]
+
+
+def _verified(path: Path, sha256: str) -> bool:
+    """Whether `path` hashes to `sha256`. A match is remembered (in DDLM_CACHE) against the file's
+    size and mtime, unless the file changed in the last RECENT_SECONDS (a write in the same clock
+    tick would keep its mtime), so a large corpus is hashed once, not at every start."""
+    from ddlm import runtime
+
+    st = path.stat()
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, sha256]
+    memo_path = runtime.cache_dir() / "prepared_checks.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if memo.get(key) == stamp:
+        return True
+    if _sha256_file(path) != sha256:
+        return False
+    if time.time() - st.st_mtime_ns / 1e9 > RECENT_SECONDS:
+        memo[key] = stamp
+        tmp = memo_path.with_name(f".{memo_path.name}.tmp{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(memo))
+            os.replace(tmp, memo_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return True
+
+
+class PreparedCorpus:
+    """A directory written by `prepare_corpus`: its index, tokenizer, streams and datasets."""
+
+    def __init__(self, directory: Path, index: dict) -> None:
+        self.directory, self.index = directory, index
+        self.packing, self.align = index["packing"], index["align"]
+        self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
+        self.fingerprint = index["tokenizer_fingerprint"]
+        self.tokenizer_name = index["tokenizer"]["name"]
+        self._tokenizer: Tokenizer | None = None
+
+    @property
+    def name(self) -> str:
+        return f"prepared:{self.directory}"
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the corpus was prepared with, rebuilt from its description."""
+        if self._tokenizer is None:
+            tok = tokenizer_from_dict(self.index["tokenizer"])
+            if fingerprint(tok) != self.fingerprint:
+                raise DataError(f"tokenizer of '{self.directory}' rebuilds with fingerprint {fingerprint(tok)}, "
+                                f"not the {self.fingerprint} of index.json")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def stream(self, split: str) -> TokenStream:
+        shards = self.index["splits"][split]["shards"]
+        return TokenStream([self.directory / s["file"] for s in shards], [s["tokens"] for s in shards], self.dtype)
+
+    def offsets(self, split: str) -> np.ndarray:
+        """Document (wrap) or line (pad) starts of `split`, then its length (memory-mapped if in a file)."""
+        entry = self.index["splits"][split]["offsets"]
+        if isinstance(entry, list):
+            return np.asarray(entry, dtype=np.int64)
+        return np.load(self.directory / entry["file"], mmap_mode="r")
+
+    def chars_per_token(self, split: str) -> float:
+        entry = self.index["splits"][split]
+        return entry["characters"] / max(entry["content_tokens"], 1)
+
+    def dataset(self, split: str, seq_len: int):
+        """The split's BlockDataset at `seq_len`, rows read lazily."""
+        from ddlm.data.blocks import BlockDataset
+
+        if self.align and seq_len % self.align:
+            raise ConfigError(f"'{self.directory}' aligns documents to blocks of {self.align}; data.seq_len "
+                              f"{seq_len} must be a multiple of it")
+        _rows_available(self.index, split, seq_len, self.name)
+        tok = self.tokenizer()
+        if self.packing == "wrap":
+            tokens: LazyRows = WrapRows(self.stream(split), seq_len)
+            valid = NotPad(tokens, tok.pad_id) if self.align else None
+        else:
+            tokens = PadRows(self.stream(split), self.offsets(split), seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
+            valid = PadValid(tokens)
+        return BlockDataset(tokens, valid, self.chars_per_token(split))
+
+    def datasets(self, seq_len: int) -> dict:
+        return {split: self.dataset(split, seq_len) for split in SPLITS}
+
+
+def _bad(directory: Path, what: str) -> DataError:
+    return DataError(f"prepared corpus '{directory}': {what}")
+
+
+def open_prepared(directory: str | Path, *, verify: bool = True) -> PreparedCorpus:
+    """Read DIR/index.json and check every file it names: present, of the right size, and (with
+    `verify`) of the recorded sha256; a one-line DataError names the first file that is not."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"prepared corpus '{directory}' not found")
+    path = directory / "index.json"
+    if not path.is_file():
+        raise DataError(f"'{directory}' holds no index.json: not a prepared corpus (ddlm data prepare), "
+                        f"or an unfinished one")
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(directory, f"index.json is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise _bad(directory, f"index.json is not a {FORMAT} index")
+    if index.get("format_version") != FORMAT_VERSION:
+        raise _bad(directory, f"index.json has format version {index.get('format_version')!r}; this ddlm reads "
+                              f"version {FORMAT_VERSION}: prepare it again")
+    try:
+        splits = index["splits"]
+        itemsize = np.dtype(index["dtype"]).itemsize
+        checks = []
+        for split in SPLITS:
+            entry = splits[split]
+            for shard in entry["shards"]:
+                checks.append((shard["file"], shard["tokens"] * itemsize, shard["sha256"]))
+            if sum(s["tokens"] for s in entry["shards"]) != entry["tokens"]:
+                raise _bad(directory, f"index.json's {split} shards do not add up to its {entry['tokens']} tokens")
+            if isinstance(entry["offsets"], dict):
+                checks.append((entry["offsets"]["file"], None, entry["offsets"]["sha256"]))
+        for key in ("packing", "align", "tokenizer", "tokenizer_fingerprint"):
+            index[key]
+    except (KeyError, TypeError) as exc:
+        raise _bad(directory, f"index.json lacks {exc}") from None
+    for name, size, sha in checks:
+        file = directory / name
+        if not file.is_file():
+            raise _bad(directory, f"file '{file}' named in index.json is missing")
+        if size is not None and file.stat().st_size != size:
+            raise _bad(directory, f"file '{file}' holds {file.stat().st_size} bytes; index.json says {size}")
+        if verify and not _verified(file, sha):
+            raise _bad(directory, f"file '{file}' does not match its sha256 in index.json (modified or corrupt); "
+                                  f"prepare the corpus again")
+    return PreparedCorpus(directory, index)
+
+
+def prepared_datasets(directory: str | Path, data: Any, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, dict]:
+    """(tokenizer, {"train", "valid", "test"} BlockDatasets) of a prepared corpus for a run's
+    DataConfig `data`. The tokenizer is the index's; the run must name the same one (and the same
+    packing), and a tokenizer handed in (a checkpoint's) must be the very same (fingerprint)."""
+    corpus = open_prepared(directory)
+    wanted = str(data.tokenizer).partition(":")[0]
+    if wanted != corpus.tokenizer_name:
+        raise ConfigError(f"'{directory}' was prepared with the {corpus.tokenizer_name} tokenizer; set "
+                          f"--data.tokenizer={corpus.tokenizer_name} (got {data.tokenizer!r})")
+    if data.packing != corpus.packing:
+        raise ConfigError(f"'{directory}' was prepared with {corpus.packing} packing; set "
+                          f"--data.packing={corpus.packing} (got {data.packing!r})")
+    if tokenizer is not None and fingerprint(tokenizer) != corpus.fingerprint:
+        raise DataError(f"the run's {tokenizer.name} tokenizer (fingerprint {fingerprint(tokenizer)}) is not the one "
+                        f"'{directory}' was prepared with ({corpus.fingerprint})")
+    tok = tokenizer if tokenizer is not None else corpus.tokenizer()
+    return tok, corpus.datasets(data.seq_len)
