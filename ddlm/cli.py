@@ -163,9 +163,16 @@ def cmd_compare(args, extra: list[str]) -> int:
 
     if extra:
         raise_unexpected(extra)
-    out = args.out or f"runs/compare-{Path(args.recipe).stem}"
-    results = compare(args.recipe, out, quiet=args.json)
-    _emit({"out": out, "report": str(Path(out) / "report.md"), "rows": len(results["rows"])}, args.json,
+    out = args.out or f"runs/compare-{Path(args.recipe).stem}" + (f"-{args.scale}" if args.scale else "")
+    results = compare(args.recipe, out, quiet=args.json, scale=args.scale)
+    if results is None:  # under torchrun rank 0 alone reports
+        return 0
+    payload = {"out": out, "report": str(Path(out) / "report.md"), "rows": len(results["rows"])}
+    if "scale" in results:
+        payload["scale"] = results["scale"]
+    if "processes" in results:
+        payload["processes"] = results["processes"]
+    _emit(payload, args.json,
           f"report: {Path(out) / 'report.md'} ({len(results['rows'])} rows); results: {Path(out) / 'results.json'}")
     return 0
 
@@ -312,9 +319,13 @@ def _sample_args(s):
 
 
 def _compare_args(s):
-    s.add_argument("recipe", help="comparison recipe (recipes/austen-char.yaml, ...)")
-    s.add_argument("--out", default=None, help="where runs, results and the report go "
-                                               "(default runs/compare-<recipe>; rerun to resume)")
+    s.add_argument("recipe", help="comparison recipe (recipes/austen-char.yaml, recipes/owt.yaml, ...); "
+                                  "under torchrun every process trains each row and scores the likelihoods, "
+                                  "rank 0 alone samples and writes the files")
+    s.add_argument("--out", default=None, help="where runs, results and the report go (default "
+                                               "runs/compare-<recipe>[-<scale>]; rerun to resume)")
+    s.add_argument("--scale", default=None, metavar="NAME",
+                   help="apply the recipe's scales.NAME overrides (e.g. tiny: the same rows on CPU in minutes)")
 
 
 def _info_args(s):

@@ -17,10 +17,26 @@ with their options) and how every row is evaluated. See recipes/*.yaml.
       conditional: {prompts: 32, prompt_tokens: 32, length: 64, steps: 64, judge: ar}
 
 "@NAME" in an option names another row's run directory; the judge "ar" is the row named ar.
+
+A recipe may also name scales: sets of overrides that run the same rows at another size
+(`ddlm compare RECIPE --scale NAME`), e.g. a CPU-sized smoke run of a GPU recipe:
+
+    scales:
+      tiny:
+        description: the same rows on CPU in minutes   # shown in the report
+        tokenizer_fallback: char   # used (and said so) when the recipe's tokenizer is not available offline
+        base: {data: {corpus: austen, seq_len: 64}, model: {dim: 64, n_layers: 2, n_heads: 2}}
+        rows: {edlm-nce: {train: {steps: 5}}}     # per-row overrides of train, options, eval, ...
+        evaluate: {generation: {steps: [4, 16], num: 4}}
+
+Mappings merge key by key into what they override (base, each named row, evaluate); any other
+value (a list, a number) replaces it. A scale changes sizes, budgets and options, never which rows
+exist or how they are trained from one another (name, method, init, sample_of).
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +100,9 @@ class Recipe:
     conditional: Conditional
     description: str = ""
     path: str = ""
+    scales: list[str] = field(default_factory=list)  # the scales the recipe defines
+    scale: str = ""  # the scale applied ("": the recipe as written)
+    tokenizer_fallback: str = ""  # the applied scale's tokenizer when the recipe's is unavailable
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -115,10 +134,80 @@ def _section(cls, values, where: str):
     return cls(**kwargs)
 
 
-def parse_recipe(data: dict, path: str = "") -> Recipe:
+SCALE_KEYS = ("description", "tokenizer_fallback", "base", "rows", "evaluate")
+FIXED_ROW_KEYS = ("name", "method", "init", "sample_of")  # what a scale may not change
+
+
+def merged(base, over):
+    """`over` merged into `base`: mappings key by key (recursively), anything else replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = merged(base.get(key), value)
+        return out
+    return json.loads(json.dumps(over))  # a copy: the recipe's own values are never shared
+
+
+def check_scales(data: dict, path: str = "") -> dict:
+    """The recipe's `scales` section (name -> overrides), checked for shape."""
+    scales = data.get("scales") or {}
+    if not isinstance(scales, dict):
+        raise ConfigError(f"scales of recipe {path!r} must be a mapping of scale names to overrides")
+    for name, scale in scales.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"scale name {name!r} must be a non-empty string")
+        if not isinstance(scale, dict):
+            raise ConfigError(f"scales.{name} must be a mapping with any of: {', '.join(SCALE_KEYS)}")
+        unknown = sorted(set(scale) - set(SCALE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown key scales.{name}.{unknown[0]}; expected any of: {', '.join(SCALE_KEYS)}")
+        for key in ("base", "rows", "evaluate"):
+            if scale.get(key) is not None and not isinstance(scale[key], dict):
+                raise ConfigError(f"scales.{name}.{key} must be a mapping, got {scale[key]!r}")
+        for row, over in (scale.get("rows") or {}).items():
+            if not isinstance(over, dict):
+                raise ConfigError(f"scales.{name}.rows.{row} must be a mapping of row fields, got {over!r}")
+            fixed = sorted(set(over) & set(FIXED_ROW_KEYS))
+            if fixed:
+                raise ConfigError(f"scales.{name}.rows.{row} may not change {fixed[0]!r}: a scale changes "
+                                  f"sizes and budgets, not which rows there are or how they relate")
+        fallback = scale.get("tokenizer_fallback")
+        if fallback is not None and not (isinstance(fallback, str) and fallback):
+            raise ConfigError(f"scales.{name}.tokenizer_fallback must be a tokenizer name, got {fallback!r}")
+    return scales
+
+
+def apply_scale(data: dict, scale: str, path: str = "") -> dict:
+    """The recipe `data` with scale `scale`'s overrides applied (and its `scales` section kept)."""
+    scales = check_scales(data, path)
+    if scale not in scales:
+        name = data.get("name") or Path(path).stem or "compare"
+        raise ConfigError(f"recipe {name!r} has no scale {scale!r}; its scales: {', '.join(scales) or 'none'}")
+    over = scales[scale]
+    out = dict(data)
+    out["base"] = merged(data.get("base") or {}, over.get("base") or {})
+    out["evaluate"] = merged(data.get("evaluate") or {}, over.get("evaluate") or {})
+    rows = [dict(r) if isinstance(r, dict) else r for r in (data.get("rows") or [])]
+    names = [r.get("name") for r in rows if isinstance(r, dict)]
+    for row_name, row_over in (over.get("rows") or {}).items():
+        if row_name not in names:
+            raise ConfigError(f"scales.{scale}.rows names {row_name!r}, which is not a row of the recipe "
+                              f"(rows: {', '.join(map(str, names))})")
+        i = names.index(row_name)
+        rows[i] = merged(rows[i], row_over)
+    out["rows"] = rows
+    if over.get("description"):
+        out["description"] = f"[{scale} scale] {over['description']} {data.get('description') or ''}".strip()
+    return out
+
+
+def parse_recipe(data: dict, path: str = "", *, scale: str | None = None) -> Recipe:
+    """A Recipe from its mapping; with `scale`, that scale's overrides applied first."""
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path!r} must be a mapping")
-    known = {"name", "description", "base", "rows", "evaluate"}
+    if scale:
+        data = apply_scale(data, scale, path)
+    known = {"name", "description", "base", "rows", "evaluate", "scales"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown recipe key {unknown[0]!r}; expected one of: {', '.join(sorted(known))}")
@@ -132,11 +221,16 @@ def parse_recipe(data: dict, path: str = "") -> Recipe:
     unknown = sorted(set(evaluate) - {"likelihood", "generation", "conditional"})
     if unknown:
         raise ConfigError(f"unknown key evaluate.{unknown[0]}; expected likelihood, generation, conditional")
+    scales = check_scales(data, path)
     recipe = Recipe(name=str(data.get("name") or Path(path).stem or "compare"), base=data.get("base") or {},
                     rows=rows, description=str(data.get("description") or ""), path=str(path),
                     likelihood=_section(Likelihood, evaluate.get("likelihood"), "evaluate.likelihood"),
                     generation=_section(Generation, evaluate.get("generation"), "evaluate.generation"),
-                    conditional=_section(Conditional, evaluate.get("conditional"), "evaluate.conditional"))
+                    conditional=_section(Conditional, evaluate.get("conditional"), "evaluate.conditional"),
+                    scales=list(scales), scale=scale or "",
+                    tokenizer_fallback=str(scales[scale].get("tokenizer_fallback") or "") if scale else "")
+    if not isinstance(recipe.base, dict):
+        raise ConfigError(f"base of recipe {path!r} must be a mapping of config sections")
     check_rows(recipe)
     return recipe
 
@@ -164,6 +258,6 @@ def check_rows(recipe: Recipe) -> None:
                               f"(ar:DIR, smollm2, hf:DIR)")
 
 
-def read_recipe(path: str | Path) -> Recipe:
-    """A recipe from a YAML file (recipes/*.yaml)."""
-    return parse_recipe(load_recipe(path), str(path))
+def read_recipe(path: str | Path, scale: str | None = None) -> Recipe:
+    """A recipe from a YAML file (recipes/*.yaml), at scale `scale` when given."""
+    return parse_recipe(load_recipe(path), str(path), scale=scale)

@@ -54,10 +54,18 @@ def write_report(results: dict, out: Path) -> Path:
 def header(results: dict) -> list[str]:
     env, shared = results["environment"], results["rows"][0]["config"]
     data, model, train = shared["data"], shared["model"], shared["train"]
-    lines = [f"# ddlm compare: {results['recipe']}", "", results.get("description") or "", "",
-             f"Made with `ddlm compare {results.get('recipe_path') or results['recipe']}` "
+    scale = results.get("scale") or {}
+    command = f"ddlm compare {results.get('recipe_path') or results['recipe']}"
+    command += f" --scale {scale['name']}" if scale else ""
+    if results.get("processes"):
+        command = f"torchrun --nproc_per_node {results['processes']} -m {command}"
+    lines = [f"# ddlm compare: {results['recipe']}" + (f" ({scale['name']} scale)" if scale else ""), "",
+             results.get("description") or "", "",
+             f"Made with `{command}` "
              f"(ddlm {env['ddlm']}, torch {env['torch']}, {env['cpu']}, {env['threads']} threads, {env['time']}).",
-             "", "## What every row shares, and what differs", "",
+             *([f"At the {scale['name']} scale this run used {scale['tokenizer_note']}.", ""]
+               if scale.get("tokenizer_note") else [""]),
+             "## What every row shares, and what differs", "",
              f"- data: {data.get('corpus', 'austen')}, tokenizer {data.get('tokenizer', 'char')}, "
              f"sequence length {data.get('seq_len', '?')}",
              f"- backbone: d={model.get('dim', '?')}, {model.get('n_layers', '?')} layers, "

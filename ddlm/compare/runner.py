@@ -6,6 +6,13 @@ identically, write results and a report.
                                on: an interrupted compare redoes only what is missing
     OUT/results.jsonl          one record per evaluation, with the full config, seed and versions
     OUT/results.json           all rows together; OUT/report.md and OUT/*.png from it
+
+Under torchrun (`torchrun --nproc_per_node N -m ddlm compare RECIPE`) every process runs the same
+plan with one `Distributed` made here: every row is trained by all N processes, the likelihoods are
+scored sharded over them (the same figures as one process), then rank 0 alone draws and judges the
+samples (generation, conditional) while the others wait for it on a gloo group whose timeout is
+long enough for that work (MAIN_ALONE_TIMEOUT_S). Rank 0 alone writes files and prints. Without
+torchrun nothing changes: no process group, one process, the stages in plan order.
 """
 from __future__ import annotations
 
@@ -18,9 +25,15 @@ from pathlib import Path
 
 from ddlm.compare.recipe import Recipe, Row, read_recipe
 from ddlm.config import make_config
-from ddlm.errors import ConfigError
+from ddlm.errors import ConfigError, DataError, DdlmError
 from ddlm.eval.records import append_jsonl, environment
 from ddlm.progress import progress_bar
+
+COLLECTIVE = ("train", "likelihood")  # stages every process takes part in under torchrun
+# How long the other processes wait for rank 0's generation and conditional evaluation (sampling
+# every row at every step count can take hours at paper scale); the training collectives keep
+# train.dist_timeout.
+MAIN_ALONE_TIMEOUT_S = 72 * 3600.0
 
 
 @dataclass
@@ -36,13 +49,27 @@ class Stage:
 
 
 class Comparison:
-    def __init__(self, recipe: Recipe, out: str | Path, *, quiet: bool = False) -> None:
+    def __init__(self, recipe: Recipe, out: str | Path, *, quiet: bool = False, dist=None,
+                 notes: dict | None = None) -> None:
+        """`dist`: the Distributed of a torchrun job (None: one process, as without torchrun).
+        `notes`: what the report says about the scale (its tokenizer)."""
         self.recipe, self.out, self.quiet = recipe, Path(out), quiet
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.notes = notes or {}
         self.runs = self.out / "runs"
         self.stage_dir = self.out / "stages"
         self._loaded: dict[str, object] = {}
         self._judges: dict[str, object] = {}
         self._references: dict[str, dict] = {}
+        self.wait_group = None
+        if dist is not None and dist.active and dist.world_size > 1:
+            import datetime
+
+            import torch.distributed
+
+            self.wait_group = torch.distributed.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=MAIN_ALONE_TIMEOUT_S))
 
     # ---- the plan ---------------------------------------------------------------------------
     def plan(self) -> list[Stage]:
@@ -62,13 +89,14 @@ class Comparison:
                 stages.append(Stage("conditional", row, dataclasses.asdict(recipe.conditional)))
         return stages
 
-    def run_config(self, row: Row):
-        """The run config a trained row trains with: the shared base, its method and options."""
+    def run_config(self, row: Row, *, inherit: bool = True):
+        """The run config a trained row trains with: the shared base, its method and options
+        (and, with `inherit`, the method options of the run it starts from)."""
         base = json.loads(json.dumps(self.recipe.base))
         base["method"] = row.method
         base[row.method] = {**base.get(row.method, {}), **self.resolve(row.options)}
         base["train"] = {**base.get("train", {}), **row.train}
-        if row.init:
+        if row.init and inherit:
             from ddlm.build import init_base
 
             inherited = init_base(self.runs / row.init, row.method)
@@ -110,54 +138,109 @@ class Comparison:
             return {"run": self.run_config(self.recipe.row(name)).to_dict(), "protocol": PROTOCOL}
         return {"spec": name, "protocol": PROTOCOL}
 
+    def check(self) -> None:
+        """Every trained row's run config, validated before anything is trained: a bad option in
+        the last row is a one-line error now, not after the first rows' training."""
+        for row in self.recipe.rows:
+            if row.method:
+                try:
+                    self.run_config(row, inherit=False)
+                except DdlmError as err:
+                    raise ConfigError(f"row {row.name!r}: {err}") from None
+
     # ---- running ----------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> dict | None:
+        """Every stage; the assembled results on rank 0 (None on the other ranks of a torchrun job)."""
+        self.check()
         stages = self.plan()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
         results: dict[str, dict] = {r.name: {"generation": []} for r in self.recipe.rows}
-        bar = progress_bar(total=len(stages), desc="compare", disable=self.quiet, dynamic_ncols=True)
+        bar = progress_bar(total=len(stages), desc="compare", disable=self.quiet or not self.is_main,
+                           dynamic_ncols=True)
+
+        def do(stage: Stage, collective: bool) -> None:
+            bar.set_description(f"compare: {stage.label}")
+            result = self.run_stage(stage, collective=collective)
+            slot = results[stage.row.name]
+            if stage.kind == "generation" and "skipped" in result:
+                slot.setdefault("skipped", []).append(result)
+            elif stage.kind == "generation":
+                slot["generation"].append(result)
+            else:
+                slot[stage.kind] = result
+            bar.update(1)
+
         try:
-            for stage in stages:
-                bar.set_description(f"compare: {stage.label}")
-                result = self.run_stage(stage)
-                slot = results[stage.row.name]
-                if stage.kind == "generation" and "skipped" in result:
-                    slot.setdefault("skipped", []).append(result)
-                elif stage.kind == "generation":
-                    slot["generation"].append(result)
-                else:
-                    slot[stage.kind] = result
-                bar.update(1)
+            if self.dist is None:
+                for stage in stages:
+                    do(stage, collective=False)
+            else:  # every process trains and scores; then rank 0 alone samples
+                for stage in stages:
+                    if stage.kind in COLLECTIVE:
+                        do(stage, collective=True)
+                self.main_alone(lambda: [do(s, collective=False) for s in stages if s.kind not in COLLECTIVE])
         finally:
             bar.close()
-        return self.assemble(results)
+        return self.assemble(results) if self.is_main else None
 
-    def run_stage(self, stage: Stage) -> dict:
+    def main_alone(self, func) -> None:
+        """func() on rank 0 while the other processes wait for it (up to MAIN_ALONE_TIMEOUT_S, on
+        a gloo group of their own); rank 0's error, if any, ends every process."""
+        if self.wait_group is None:
+            func()
+            return
+        import torch.distributed
+
+        error = None
+        if self.is_main:
+            try:
+                func()
+            except BaseException as err:  # noqa: BLE001 - the others must hear of it, then re-raised
+                error = err
+        box = [None if error is None else (str(error) or type(error).__name__)]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.wait_group)
+        if error is not None:
+            raise error
+        if box[0] is not None:
+            raise DdlmError(f"rank 0 stopped in the evaluation it runs alone: {box[0]}")
+
+    def shared(self, func, collective: bool):
+        """func() everywhere in one process; under torchrun, for a stage every process takes part
+        in, rank 0's answer on every rank (files are read and written by rank 0 only)."""
+        if self.dist is None or not collective:
+            return func()
+        return self.dist.on_main(func)
+
+    def run_stage(self, stage: Stage, *, collective: bool = False) -> dict:
         if stage.kind == "train":
             return self.train(stage.row)
         path = self.stage_dir / f"{stage.kind}-{stage.row.name}-{self.fingerprint(stage)}.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())["result"]
-            except (json.JSONDecodeError, KeyError):
-                pass  # a torn file: redo the stage
+        done = self.shared(lambda: read_stage(path), collective)
+        if done is not None:
+            return done
         result = getattr(self, stage.kind)(stage)
-        record = {"kind": stage.kind, "row": stage.row.name, "recipe": self.recipe.name,
-                  "spec": stage.spec, "sample_options": self.resolve(stage.row.sample_options),
-                  "config": self.run_config(self.source(stage.row)).to_dict(),
-                  "environment": environment(), "result": result}
-        write_json(path, record)
-        append_jsonl(self.out / "results.jsonl", record)
+        if self.is_main:
+            record = {"kind": stage.kind, "row": stage.row.name, "recipe": self.recipe.name,
+                      "spec": stage.spec, "sample_options": self.resolve(stage.row.sample_options),
+                      "config": self.run_config(self.source(stage.row)).to_dict(),
+                      "environment": environment(), "result": result}
+            write_json(path, record)
+            append_jsonl(self.out / "results.jsonl", record)
         return result
 
     def train(self, row: Row) -> dict:
         from ddlm.train.loop import train
 
         run = self.run_config(row)
-        result = train(run, self.runs / row.name, quiet=self.quiet)
+        if self.dist is None:
+            result = train(run, self.runs / row.name, quiet=self.quiet)
+        else:
+            result = train(run, self.runs / row.name, quiet=self.quiet, dist=self.dist)
         if result.interrupted:
             raise KeyboardInterrupt
-        return {"steps": result.step, **training_summary(self.runs / row.name), "dtype": result.dtype}
+        summary = training_summary(self.runs / row.name) if self.is_main else {}
+        return {"steps": result.step, **summary, "dtype": result.dtype}
 
     def loaded(self, row: Row):
         if row.name not in self._loaded:
@@ -165,7 +248,9 @@ class Comparison:
 
             src = self.source(row)
             options = {k: str(v) for k, v in self.resolve(row.sample_options).items()}
-            self._loaded = {row.name: load_for_inference(self.runs / src.name, method_options=options or None)}
+            device = self.dist.device if self.dist is not None else None
+            self._loaded = {row.name: load_for_inference(self.runs / src.name, device,
+                                                         method_options=options or None)}
         return self._loaded[row.name]
 
     def judge(self, name: str):
@@ -189,7 +274,42 @@ class Comparison:
             return {"skipped": f"method {loaded.run.method!r} defines no likelihood"}
         args = [f"--eval.{k}={v}" for k, v in spec.items() if k != "split"]
         args += [f"--{k}={v}" for k, v in self.resolve(row.sample_options).items()]
-        return evaluate_checkpoint(self.runs / self.source(row).name, split=spec["split"], overrides=args)
+        if self.dist is None:
+            return evaluate_checkpoint(self.runs / self.source(row).name, split=spec["split"], overrides=args)
+        return self.sharded_likelihood(loaded, spec["split"], args)
+
+    def sharded_likelihood(self, loaded, split: str, args: list[str]) -> dict:
+        """What `evaluate_checkpoint` reports, with the batches scored by every process (each
+        batch's noise is keyed to its index, so the figure is the one-process figure)."""
+        from ddlm import runtime
+        from ddlm.config import section_config, split_sections
+        from ddlm.eval.likelihood import evaluate_likelihood
+        from ddlm.eval.run import protocol_text
+
+        eval_args, _ = split_sections(args, "eval")
+        run, dist = loaded.run, self.dist
+        cfg = section_config(run.eval, "eval", {"split": split}, eval_args)
+        datasets = self.datasets(run, loaded.tokenizer)
+        key = "valid" if cfg.split == "validation" else cfg.split
+        if len(datasets[key]) == 0:
+            raise DataError(f"split {key!r} of corpus {run.data.corpus!r} holds no full sequence")
+        dtype = runtime.DTYPES[dist.on_main(
+            lambda: runtime.dtype_name(runtime.resolve_dtype(run.train.dtype, dist.device)))]
+        result = evaluate_likelihood(loaded.method, loaded.model, datasets[key], batch_size=cfg.batch_size,
+                                     n_samples=cfg.t_samples, max_batches=cfg.max_batches, seed=cfg.seed,
+                                     dtype=dtype, dist=dist)
+        return {"method": run.method, "corpus": run.data.corpus, "split": key,
+                "tokenizer": run.data.tokenizer, "step": loaded.step, **result.as_dict(),
+                "protocol": protocol_text(loaded.method, cfg, result.exact), "checkpoint": str(loaded.path)}
+
+    def datasets(self, run, tokenizer) -> dict:
+        """The run's splits: rank 0 reads the corpus (and writes any token cache) first, then the
+        others read what it wrote."""
+        from ddlm.build import prepare_data
+
+        first: dict = {}
+        self.dist.on_main(lambda: first.setdefault("main", prepare_data(run, tokenizer)), share=False)
+        return (first.get("main") or prepare_data(run, tokenizer))[1]
 
     def generation(self, stage: Stage) -> dict:
         from ddlm.eval.quality import Setting, unconditional
@@ -235,6 +355,10 @@ class Comparison:
                                 "generation": dataclasses.asdict(self.recipe.generation),
                                 "conditional": dataclasses.asdict(self.recipe.conditional)},
                    "environment": environment(), "rows": rows}
+        if self.recipe.scale:
+            payload["scale"] = {"name": self.recipe.scale, **self.notes}
+        if self.dist is not None and self.dist.world_size > 1:
+            payload["processes"] = self.dist.world_size
         write_json(self.out / "results.json", payload, wrap=False)
         from ddlm.compare.report import write_report
 
@@ -259,6 +383,16 @@ def training_summary(run_dir: Path) -> dict:
     return out
 
 
+def read_stage(path: Path) -> dict | None:
+    """A finished stage's result, or None (missing, or torn by a kill: redo the stage)."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["result"]
+    except (json.JSONDecodeError, KeyError):
+        return None
+
+
 def write_json(path: Path, payload: dict, *, wrap: bool = True) -> None:
     """Write atomically (temp file + rename): a kill never leaves a torn result."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,8 +401,58 @@ def write_json(path: Path, payload: dict, *, wrap: bool = True) -> None:
     os.replace(tmp, path)
 
 
-def compare(recipe_path: str | Path, out: str | Path, *, quiet: bool = False) -> dict:
-    recipe = read_recipe(recipe_path)
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def choose_tokenizer(recipe: Recipe) -> dict:
+    """At a scale with a `tokenizer_fallback`: the recipe's tokenizer when it can be built offline
+    here, else the fallback (recipe.base is changed to it). Returns what the report says."""
+    if not recipe.tokenizer_fallback:
+        return {}
+    data = recipe.base.setdefault("data", {})
+    wanted = str(data.get("tokenizer") or "char")
+    if wanted.partition(":")[0] == "bpe":  # trained on the corpus: always available
+        return {"tokenizer": wanted, "tokenizer_note": f"the recipe's tokenizer {wanted}"}
+    from ddlm.data.tokenizers import build_tokenizer
+
+    try:
+        build_tokenizer(wanted)
+    except DdlmError as err:
+        data["tokenizer"] = recipe.tokenizer_fallback
+        return {"tokenizer": recipe.tokenizer_fallback,
+                "tokenizer_note": f"the {recipe.tokenizer_fallback} tokenizer in place of the recipe's "
+                                  f"{wanted}, which is not available offline here ({err})"}
+    return {"tokenizer": wanted, "tokenizer_note": f"the recipe's tokenizer {wanted} (available offline)"}
+
+
+def compare(recipe_path: str | Path, out: str | Path, *, quiet: bool = False, scale: str | None = None,
+            dist=None) -> dict | None:
+    """Run the recipe (at `scale`, when given) into `out`. Under torchrun every process calls this;
+    rank 0 gets the results, the other ranks None. `dist` defaults to torchrun's process group
+    when torchrun started this process, else none at all (one process)."""
+    recipe = read_recipe(recipe_path, scale=scale)
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out '{out}' is a file, not a directory")
-    return Comparison(recipe, out, quiet=quiet).run()
+    owned = dist is None and launched_by_torchrun()
+    if owned:
+        from ddlm import runtime
+        from ddlm.train.distributed import Distributed
+
+        shared = make_config(base=json.loads(json.dumps(recipe.base))).train
+        dist = Distributed.from_environment(runtime.device(), timeout_s=shared.dist_timeout,
+                                            parallel=shared.parallel)
+    try:
+        if dist is None:
+            notes = choose_tokenizer(recipe)
+        else:  # rank 0 decides, every rank follows
+            notes = dist.on_main(lambda: choose_tokenizer(recipe))
+            if notes:
+                recipe.base.setdefault("data", {})["tokenizer"] = notes["tokenizer"]
+        main = dist is None or dist.is_main
+        if notes and main and not quiet:
+            print(f"ddlm compare: scale {recipe.scale}: {notes['tokenizer_note']}")
+        return Comparison(recipe, out, quiet=quiet, dist=dist, notes=notes).run()
+    finally:
+        if owned:
+            dist.close()
