@@ -20,7 +20,7 @@ def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None
     """Load the corpus, build (or reuse) the tokenizer, and cut each split into blocks. A prepared
     corpus (`prepared:DIR`, or a directory holding index.json: `ddlm data prepare`) is read in place,
     its rows memory-mapped, with the tokenizer it was prepared with."""
-    from ddlm.data.prepare import is_prepared, prepared_datasets
+    from ddlm.data.prepared import is_prepared, prepared_datasets
 
     directory = is_prepared(run.data.corpus)
     if directory is not None:

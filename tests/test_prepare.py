@@ -11,7 +11,8 @@ import pytest
 from ddlm.cli import main
 from ddlm.config import make_config
 from ddlm.data import build_datasets, build_tokenizer, encode_documents, load_corpus
-from ddlm.data.prepare import LazyRows, open_prepared, prepare_corpus, prepared_datasets
+from ddlm.data.prepare import prepare_corpus
+from ddlm.data.prepared import LazyRows, open_prepared, prepared_datasets
 from ddlm.data.tokenizers import CharTokenizer, fingerprint
 from ddlm.errors import ConfigError, DataError
 

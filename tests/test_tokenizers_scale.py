@@ -11,7 +11,8 @@ import pytest
 
 from ddlm.data import build_datasets, build_tokenizer, fingerprint, load_corpus, tokenizer_from_dict
 from ddlm.data import tokenizers as tokenizers_module
-from ddlm.data.prepare import open_prepared, prepare_corpus
+from ddlm.data.prepare import prepare_corpus
+from ddlm.data.prepared import open_prepared
 from ddlm.errors import ConfigError, DataError
 
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # r50k_base / GPT-2

@@ -62,7 +62,7 @@ def unseen_script_warning(run, corpus: str, split: str, sample_chars: int = 1_00
     points) that the training corpus never used: a byte-level model still scores it, but the
     figure then measures text of a kind it never saw."""
     from ddlm.data import load_corpus
-    from ddlm.data.prepare import is_prepared
+    from ddlm.data.prepared import is_prepared
 
     if is_prepared(run.data.corpus) or is_prepared(corpus):  # token shards: no text to look at
         return None
