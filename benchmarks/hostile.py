@@ -5,7 +5,9 @@ silently accepted (exit 0), or hung (killed after --timeout seconds).
     python benchmarks/hostile.py [--timeout 60] [--out benchmarks/results/hostile.json]
 
 A tiny AR run is trained first; the cases damage copies of it, feed it bad flags, prompts and
-corpora. Prints one line per case and the tally; writes the JSON.
+corpora. A case may carry its own timeout, a SIGTERM sent after some seconds (then exit 130 is the
+clean outcome), and a check of what must survive it (another run's files, a device node), whose
+finding is appended to its line. Prints one line per case and the tally; writes the JSON.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import argparse
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,17 +26,27 @@ TINY = ["--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq
         "--train.batch_size=4", "--train.eval_every=0", "--train.progress=false"]
 
 
-def ddlm(args: list[str], timeout: float, env: dict) -> tuple[str, str]:
+def ddlm(args: list[str], timeout: float, env: dict, sigterm_after: float | None = None) -> tuple[str, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "ddlm", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
     try:
-        proc = subprocess.run([sys.executable, "-m", "ddlm", *args], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        if sigterm_after is not None:
+            try:
+                proc.communicate(timeout=sigterm_after)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         return "hung", ""
-    err = proc.stderr.strip()
+    err = err.strip()
     if "Traceback" in err:
         return "traceback", err.splitlines()[-1]
     if proc.returncode == 0:
         return "accepted", ""
+    if sigterm_after is not None and proc.returncode == 130:
+        return "clean", err.splitlines()[-1] if err else "exit 130"
     lines = [line for line in err.splitlines() if line.startswith("ddlm: error:")]
     if proc.returncode == 2 and len(err.splitlines()) == 1 and lines:
         return "clean", lines[0]
@@ -47,7 +61,94 @@ def damaged_copy(run: Path, root: Path, name: str, damage) -> Path:
     return copy
 
 
-def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
+def tree(root: Path) -> dict:
+    """Every entry under `root`, links not followed: files by content, links by target."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        out[str(path.relative_to(root))] = (os.readlink(path) if path.is_symlink()
+                                            else path.read_bytes() if path.is_file() else "dir")
+    return out
+
+
+def untouched(root: Path):
+    """A check that `root` (another run) is exactly as it was when the case was made."""
+    before = tree(root)
+    return lambda: None if tree(root) == before else f"{root.name} WAS CHANGED"
+
+
+def train_other(root: Path, name: str, method: str) -> Path:
+    """A second tiny run, of `method`, that some cases point into."""
+    out = root / name
+    env = {**os.environ, "DDLM_CACHE": str(root / "cache")}
+    subprocess.run([sys.executable, "-m", "ddlm", "train", "--method", method, "--out", str(out), "--steps", "2",
+                    *TINY], check=True, capture_output=True, env=env)
+    return out
+
+
+def linked_cases(run: Path, root: Path) -> list[tuple]:
+    """Run directories whose files are links into another run; resuming with keep_ckpts=1 would
+    write there and prune the other run's checkpoint. The other run must come out untouched."""
+    def checkpoints(copy):
+        shutil.rmtree(copy / "checkpoints")
+        (copy / "checkpoints").symlink_to(run / "checkpoints")
+
+    def latest(copy):
+        (copy / "latest").unlink()
+        (copy / "latest").symlink_to(run / "latest")
+
+    def step(copy):
+        ckpt = copy / (copy / "latest").read_text().strip()
+        shutil.rmtree(ckpt)
+        ckpt.symlink_to(run / (run / "latest").read_text().strip())
+
+    def metrics(copy):
+        (copy / "metrics.jsonl").unlink()
+        (copy / "metrics.jsonl").symlink_to(run / "metrics.jsonl")
+
+    def lock(copy):
+        (copy / ".lock").unlink(missing_ok=True)
+        (copy / ".lock").symlink_to(run / ".lock")
+
+    out = []
+    for label, link in (("checkpoints/", checkpoints), ("latest", latest), ("checkpoints/step_*", step),
+                        ("metrics.jsonl", metrics), (".lock", lock)):
+        copy = root / f"linked_{link.__name__}"
+        shutil.copytree(run, copy, symlinks=True)
+        link(copy)
+        out.append((f"{label} a symlink into another run (train --train.keep_ckpts=1)",
+                    ["train", "--method", "ar", "--out", str(copy), "--steps", "4", "--train.keep_ckpts=1", *TINY],
+                    {"check": untouched(run)}))
+    return out
+
+
+def special_file_cases(run: Path, root: Path, short: float) -> list[tuple]:
+    """FIFOs where ddlm reads a file (they would block forever), and devices as sample files
+    (replacing one by rename would turn /dev/null into a regular file)."""
+    fifo_corpus = root / "corpus.fifo"
+    os.mkfifo(fifo_corpus)
+    fifo_metrics = root / "fifo_metrics"
+    shutil.copytree(run, fifo_metrics)
+    (fifo_metrics / "metrics.jsonl").unlink()
+    os.mkfifo(fifo_metrics / "metrics.jsonl")
+    out = [("FIFO as corpus", ["train", "--data", str(fifo_corpus), "--out", str(root / "t_fifo"), *TINY],
+            {"timeout": short}),
+           ("FIFO as metrics.jsonl (resume)", ["train", "--method", "ar", "--out", str(fifo_metrics), "--steps", "4",
+                                               *TINY], {"timeout": short})]
+    device = root / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a second /dev/null, never the real one
+    except (PermissionError, OSError):
+        return out
+
+    def still_a_device():
+        return None if stat.S_ISCHR(os.lstat(device).st_mode) else "THE DEVICE WAS REPLACED BY A REGULAR FILE"
+
+    out.append(("sample --out a character device (a copy of /dev/null)",
+                ["sample", str(run), "--num", "1", "--length", "4", "--out", str(device)], {"check": still_a_device}))
+    return out
+
+
+def cases(run: Path, root: Path, short: float = 15) -> list[tuple]:
     text = root / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
     (root / "empty.txt").write_text("")
@@ -130,7 +231,29 @@ def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
         (ckpt / "trainer_state" / ".metadata").write_bytes(pickle.dumps(Payload()))
         write_manifest(ckpt)
 
+    def fp16_weights(copy, ckpt):
+        from safetensors.torch import load_file, save_file
+
+        from ddlm.checkpoint import write_manifest
+
+        w = load_file(ckpt / "model.safetensors")
+        save_file({k: v.half() for k, v in w.items()}, ckpt / "model.safetensors")
+        write_manifest(ckpt)
+
+    def relabel_heads(copy, ckpt):
+        from ddlm.checkpoint import write_manifest
+
+        cfg = json.loads((ckpt / "config.json").read_text())
+        cfg["model"]["n_heads"] = 4  # every weight keeps its shape
+        (ckpt / "config.json").write_text(json.dumps(cfg))
+        write_manifest(ckpt)
+
     damaged = {
+        "latest naming another run's checkpoint": latest(
+            f"../{run.name}/{(run / 'latest').read_text().strip()}".encode()),
+        "checkpoint without manifest.json": lambda copy, ckpt: (ckpt / "manifest.json").unlink(),
+        "fp16 weights (manifest rewritten)": fp16_weights,
+        "config.json says n_heads=4 for n_heads=2 weights (manifest rewritten)": relabel_heads,
         "random weights": write("model.safetensors", os.urandom(2048)),
         "empty weights": write("model.safetensors", b""),
         "truncated weights": lambda c, k: (k / "model.safetensors").write_bytes(
@@ -156,8 +279,38 @@ def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
         out.append((label, args))
         if command != "train":  # `ddlm info` never reads the trainer state: nothing to refuse there
             out.append((f"{label}: info", ["info", str(copy)]))
+    mdlm = train_other(root, "mdlm_run", "mdlm")
+    relabelled = damaged_copy(mdlm, root, "relabelled", lambda copy, ckpt: relabel_method(ckpt, "mdlm", "sedd"))
+    out.append(("MDLM weights relabelled sedd (manifest rewritten)",
+                 ["sample", str(relabelled), "--num", "1", "--length", "4", "--steps", "2"]))
+    out += linked_cases(run, root)
+    out += special_file_cases(run, root, short)
     r = str(run)
     out += [
+        ("a NaN/inf last step (--train.lr=1e20)", ["train", "--out", str(root / "diverged"), "--steps", "3", *TINY,
+                                                  "--train.lr=1e20", "--train.max_nonfinite=100",
+                                                  "--train.warmup_steps=0"]),
+        ("quickstart, SIGTERM during the first run", ["quickstart", "--out", str(root / "qs"), "--steps", "100000",
+                                                      "--data.tokenizer=char", "--model.dim=32", "--model.n_layers=1",
+                                                      "--model.n_heads=2", "--train.progress=false"],
+         {"sigterm_after": 12.0, "timeout": 60}),
+        ("--train.lr=inf", ["train", "--out", str(root / "t"), "--train.lr=inf"]),
+        ("--train.lr=nan", ["train", "--out", str(root / "t"), "--train.lr=nan"]),
+        ("--train.lr=1e400", ["train", "--out", str(root / "t"), "--train.lr=1e400"]),
+        ("--train.steps=1e400", ["train", "--out", str(root / "t"), "--train.steps=1e400"]),
+        ("--model.rope_base=0", ["train", "--out", str(root / "t"), "--model.rope_base=0"]),
+        ("--model.cond_dim=0", ["train", "--out", str(root / "t"), "--model.cond_dim=0"]),
+        ("--model.mlp_ratio=inf", ["train", "--out", str(root / "t"), "--model.mlp_ratio=inf"]),
+        ("--train.beta2=1", ["train", "--out", str(root / "t"), "--train.beta2=1"]),
+        ("--train.beta1=-0.5", ["train", "--out", str(root / "t"), "--train.beta1=-0.5"]),
+        ("--train.weight_decay=-1", ["train", "--out", str(root / "t"), "--train.weight_decay=-1"]),
+        ("--train.dist_timeout=inf", ["train", "--out", str(root / "t"), "--train.dist_timeout=inf"]),
+        ("--mdlm.sigma_max=inf", ["train", "--method", "mdlm", "--out", str(root / "t"), "--mdlm.sigma_max=inf"]),
+        ("eval --eval.seed=-1", ["eval", r, "--eval.seed=-1"]),
+        ("sample --temperature inf", ["sample", r, "--temperature", "inf"]),
+        ("sample --sample.temperature=inf", ["sample", r, "--sample.temperature=inf"]),
+        ("sample --temperature 1e400", ["sample", r, "--temperature", "1e400"]),
+        ("sample --top-p nan", ["sample", r, "--top-p", "nan"]),
         ("--out naming a file", ["train", "--out", str(root / "a_file"), "--steps", "1", *TINY]),
         ("sample --out a directory", ["sample", r, "--out", str(root)]),
         ("sample --out in a missing directory", ["sample", r, "--out", str(root / "nope" / "s.jsonl")]),
@@ -208,6 +361,17 @@ def cases(run: Path, root: Path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def relabel_method(ckpt: Path, old: str, new: str) -> None:
+    """config.json names method `new` for weights trained as `old`; the manifest is rewritten."""
+    from ddlm.checkpoint import write_manifest
+
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["method"] = new
+    cfg[new] = {"time_conditioning": cfg.pop(old).get("time_conditioning", False)}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    write_manifest(ckpt)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60)
@@ -220,9 +384,13 @@ def main() -> None:
                            args.timeout, env)
     assert status == "accepted", (status, message)
     results = []
-    for label, argv in cases(run, root):
-        status, message = ddlm(argv, args.timeout, env)
-        results.append({"case": label, "status": status, "message": message})
+    for label, argv, *options in cases(run, root, short=min(15, args.timeout)):
+        opts = options[0] if options else {}
+        status, message = ddlm(argv, opts.get("timeout", args.timeout), env, opts.get("sigterm_after"))
+        problem = opts["check"]() if "check" in opts else None
+        if problem:
+            message = f"{message} [{problem}]"
+        results.append({"case": label, "status": status, "message": message, "survived": problem is None})
         print(f"{status:<10} {label}: {message[:150]}")
     tally = {s: sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})}
     print(f"\n{len(results)} bad inputs: " + ", ".join(f"{n} {s}" for s, n in tally.items()))

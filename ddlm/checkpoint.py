@@ -12,8 +12,14 @@ refuses any pickled object other than tensors and plain containers.
 A checkpoint is written into a temporary directory, fsynced, renamed into place, and only then is
 `latest` replaced (write + os.replace), so an interruption at any moment leaves the previous
 checkpoint intact. Every file is checked against the manifest when it is read, so a damaged or
-swapped file is named, never loaded. `model.safetensors` holds the weights for inference (the EMA when enabled);
-`trainer_state.pt` holds everything exact resume needs.
+swapped file is named, never loaded; a checkpoint without a manifest is refused unless
+DDLM_ALLOW_UNVERIFIED=1 (runs written before manifests existed). `model.safetensors` holds the
+weights for inference (the EMA when enabled) and records the method, the model's shape and the
+dtype they were saved for, checked against config.json on load; `trainer_state.pt` holds
+everything exact resume needs.
+
+A run directory's `latest`, `checkpoints/` and `checkpoints/*` are never followed out of it: a
+symbolic link that leaves the run directory is refused before anything is read, written or pruned.
 """
 from __future__ import annotations
 
@@ -22,11 +28,12 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ddlm.config import RunConfig
@@ -37,6 +44,10 @@ MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"  # the whole resume state (one process, DDP)
 SHARDED_META = "trainer_meta.pt"  # FSDP2: the resume state less what SHARDED_STATE holds
 SHARDED_STATE = "trainer_state"  # FSDP2: torch.distributed.checkpoint folder, one part per process
+UNVERIFIED = "DDLM_ALLOW_UNVERIFIED"  # =1: read a checkpoint without a manifest (written before them)
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "vocab_size", "block")  # recorded in model.safetensors
+WEIGHT_DTYPE = "float32"  # the dtype of every model ddlm builds, and so of the weights it loads
+_warned_unverified: set[str] = set()
 
 
 def _sha256(path: Path) -> str:
@@ -58,13 +69,34 @@ def write_manifest(ckpt: Path) -> None:
     (ckpt / MANIFEST).write_text(json.dumps({"files": entries}, indent=1, sort_keys=True))
 
 
-def verify_file(ckpt: Path, name: str) -> None:
-    """Check one file of a checkpoint against its manifest (checkpoints written before manifests
-    existed are read as they are): a wrong size or checksum is one line naming the file."""
+def manifest_entries(ckpt: Path) -> dict | None:
+    """The manifest's {file: {bytes, sha256}}. A checkpoint without one is refused in one line,
+    unless DDLM_ALLOW_UNVERIFIED=1 (a run written before manifests existed): then None, and one
+    warning on stderr per checkpoint."""
     manifest = ckpt / MANIFEST
-    if not manifest.is_file():
+    if manifest.is_file():
+        entries = _read_json(manifest).get("files")
+        if not isinstance(entries, dict):
+            raise CheckpointError(f"'{manifest}' lists no files; the checkpoint is not one ddlm wrote")
+        return entries
+    if os.environ.get(UNVERIFIED) != "1":
+        raise CheckpointError(f"checkpoint '{ckpt}' has no {MANIFEST}, so its files cannot be checked; refused "
+                              f"(a run written before manifests existed is read with {UNVERIFIED}=1)")
+    if str(ckpt) not in _warned_unverified:
+        _warned_unverified.add(str(ckpt))
+        print(f"ddlm: warning: checkpoint '{ckpt}' has no {MANIFEST}; its files are read unverified "
+              f"({UNVERIFIED}=1)", file=sys.stderr)
+    return None
+
+
+def verify_file(ckpt: Path, name: str) -> None:
+    """Check one file of a checkpoint against its manifest: a wrong size or checksum is one line
+    naming the file (see `manifest_entries` for a checkpoint without a manifest)."""
+    entries = manifest_entries(ckpt)
+    if entries is None:
         return
-    entry = _read_json(manifest).get("files", {}).get(name)
+    manifest = ckpt / MANIFEST
+    entry = entries.get(name)
     path = ckpt / name
     if not isinstance(entry, dict):
         raise CheckpointError(f"'{path}' is not listed in '{manifest}'; the checkpoint is not one ddlm wrote")
@@ -89,7 +121,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    tmp.unlink(missing_ok=True)  # never written through: a link left there is removed, not followed
+    with open(tmp, "x") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -99,6 +132,7 @@ def _write_text(path: Path, text: str) -> None:
 def new_temporary(out_dir: Path, step: int) -> Path:
     """A fresh temporary directory for checkpoint `step`, into which the processes of a sharded
     run write their parts of the trainer state before `save_checkpoint(..., tmp=...)` completes it."""
+    refuse_outside_links(Path(out_dir))
     root = Path(out_dir) / "checkpoints"
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     try:
@@ -122,8 +156,9 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
     if bad is not None:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"not saving step {step}: weight {bad} is not finite; the previous "
-                              f"checkpoint is kept")
+        kept = latest_name(Path(out_dir))
+        raise CheckpointError(f"not saving step {step}: weight {bad} is not finite; " + (
+            f"the previous checkpoint is kept ({kept})" if kept else "no earlier checkpoint exists"))
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     try:
@@ -131,7 +166,7 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
         (tmp / "config.json").write_text(config.to_json())
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_dict))
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
-                  metadata={"step": str(step)})
+                  metadata=weights_label(config, weights, step))
         if trainer_state is not None:
             torch.save(trainer_state, tmp / state_name)
         write_manifest(tmp)
@@ -183,28 +218,60 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _prune(root: Path, keep: int, current: Path) -> None:
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    steps = sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir() and not p.is_symlink())
     for old in steps[:-keep]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _resolved(path: Path) -> Path | None:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return None
+
+
+def refuse_outside_links(run: Path) -> None:
+    """Refuse a run directory whose `latest`, `checkpoints/` or an entry of `checkpoints/` is a
+    symbolic link that leaves it: ddlm reads, writes, replaces and prunes there, and must never
+    reach another run's files (checked before any of that)."""
+    run = Path(run)
+    home = _resolved(run)
+    root = run / "checkpoints"
+    entries = [run / "latest", root]
+    if root.is_dir() and not root.is_symlink():
+        entries += sorted(root.iterdir())
+    for entry in entries:
+        if not entry.is_symlink():
+            continue
+        target = _resolved(entry)
+        if home is None or target is None or not target.is_relative_to(home):
+            raise CheckpointError(f"'{entry}' is a symbolic link to '{os.readlink(entry)}', outside the run "
+                                  f"directory '{run}'; ddlm reads, writes and prunes checkpoints only inside it "
+                                  f"(remove the link, or give the other run's own directory)")
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run directory (via its `latest`) or a checkpoint directory -> the checkpoint directory."""
+    """A run directory (via its `latest`) or a checkpoint directory -> the checkpoint directory.
+    `latest` must name a checkpoint under the run's own checkpoints/, reached without leaving it."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path '{path}' does not exist")
     if (path / "config.json").is_file():
         return path
     latest = path / "latest"
-    if latest.is_file():
+    if latest.is_file() or latest.is_symlink():
+        refuse_outside_links(path)
         try:
             name = latest.read_text().strip()
         except (OSError, UnicodeDecodeError):
             raise CheckpointError(f"'{latest}' is not a text file naming a checkpoint") from None
         target = path / name
-        inside = (path / "checkpoints").resolve()
-        if not name or target.resolve().parent != inside:
+        resolved = _resolved(target) if name else None
+        if name and (resolved is None or not resolved.is_relative_to(path.resolve())):
+            raise CheckpointError(f"'{latest}' names {name[:80]!r}, which leaves the run directory '{path}'; "
+                                  f"it must name a checkpoint under '{path / 'checkpoints'}'")
+        if not name or resolved.parent != (path / "checkpoints").resolve():
             raise CheckpointError(f"'{latest}' must name a checkpoint under '{path / 'checkpoints'}', "
                                   f"not {name[:80]!r}")
         if (target / "config.json").is_file():
@@ -240,6 +307,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint '{ckpt}/model.safetensors' is corrupt or truncated "
                               f"({str(err).splitlines()[0][:120]})") from None
     check_weights(weights, ckpt / "model.safetensors")
+    check_label(weights, _safetensors_metadata(ckpt / "model.safetensors"), config, ckpt / "model.safetensors")
     step = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else 0
     return Checkpoint(ckpt, config, tokenizer_dict, weights, step)
 
@@ -256,6 +324,48 @@ def check_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"'{path}': tensor {name} holds NaN or inf values")
+
+
+def _float_dtypes(weights: dict[str, torch.Tensor]) -> str:
+    """The dtype(s) of the floating-point tensors, e.g. 'float32' ('' when there are none)."""
+    return ",".join(sorted({str(v.dtype).replace("torch.", "") for v in weights.values() if v.is_floating_point()}))
+
+
+def weights_label(config: RunConfig, weights: dict[str, torch.Tensor], step: int) -> dict[str, str]:
+    """What model.safetensors records about itself: the step, the method, the model's shape and
+    the weights' dtype (safetensors metadata is str -> str)."""
+    return {"step": str(step), "method": config.method,
+            **{name: str(getattr(config.model, name)) for name in SHAPE_FIELDS}, "dtype": _float_dtypes(weights)}
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint '{path}' is corrupt or truncated "
+                              f"({str(err).splitlines()[0][:120]})") from None
+
+
+def check_label(weights: dict[str, torch.Tensor], label: dict[str, str], config: RunConfig, path: Path) -> None:
+    """Weights must be what config.json says they are: the method and the model's shape recorded
+    when they were saved (older checkpoints record neither), and float32, as every model ddlm
+    builds (another dtype would be cast silently on loading)."""
+    if label.get("method", config.method) != config.method:
+        raise CheckpointError(f"'{path}' holds {label['method']} weights but its config.json says method "
+                              f"'{config.method}'; the checkpoint was relabelled")
+    for name in SHAPE_FIELDS:
+        if name in label and label[name] != str(getattr(config.model, name)):
+            raise CheckpointError(f"'{path}' was saved with model.{name}={label[name]} but its config.json says "
+                                  f"model.{name}={getattr(config.model, name)}; the checkpoint was relabelled")
+    dtypes = _float_dtypes(weights)
+    if not dtypes:  # no floating-point tensor: weights_misfit names the first one
+        return
+    if label.get("dtype", dtypes) != dtypes:
+        raise CheckpointError(f"'{path}' holds {dtypes} weights but was saved as {label['dtype']}")
+    if dtypes != WEIGHT_DTYPE:
+        raise CheckpointError(f"'{path}' holds {dtypes} weights; ddlm's models are {WEIGHT_DTYPE}, and a "
+                              f"checkpoint of another dtype is refused rather than cast")
 
 
 def upgrade_config(d: dict) -> dict:
@@ -297,9 +407,10 @@ def load_trainer_state(ckpt: Path) -> dict:
     A sharded checkpoint's state lacks the model, optimizer and EMA tensors; its key "sharded"
     names the torch.distributed.checkpoint folder that holds them (every file checked here)."""
     ckpt = Path(ckpt)
+    entries = manifest_entries(ckpt) or {}
     if (ckpt / SHARDED_META).is_file():
         state = _load_state_file(ckpt, SHARDED_META)
-        for name in (_read_json(ckpt / MANIFEST).get("files", {}) if (ckpt / MANIFEST).is_file() else {}):
+        for name in entries:
             if name.startswith(SHARDED_STATE + "/"):
                 verify_file(ckpt, name)
         if not (ckpt / SHARDED_STATE).is_dir():

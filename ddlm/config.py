@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class ModelConfig:
                f"head size dim/n_heads={self.dim // self.n_heads} must be even for rotary positions")
         _check(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         _check(self.mlp_ratio > 0, f"model.mlp_ratio={self.mlp_ratio} must be positive")
+        _check(self.rope_base > 0, f"model.rope_base={self.rope_base} must be positive")
+        _check(self.cond_dim >= 1, f"model.cond_dim={self.cond_dim} must be >= 1")
         _check(self.block in BLOCKS, f"model.block={self.block!r} must be one of: {', '.join(BLOCKS)}")
 
     @property
@@ -166,6 +169,9 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp2"), f"train.parallel={self.parallel!r} must be ddp or fsdp2")
         _check(self.dist_timeout > 0, f"train.dist_timeout={self.dist_timeout} must be positive")
         _check(self.lr > 0, f"train.lr={self.lr} must be positive")
+        _check(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        _check(0 <= self.beta1 < 1, f"train.beta1={self.beta1} must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, f"train.beta2={self.beta2} must be in [0, 1)")
         _check(0 <= self.min_lr_ratio <= 1, f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
         _check(0 <= self.ema < 1, f"train.ema={self.ema} must be in [0, 1)")
@@ -198,6 +204,7 @@ class EvalConfig:
                f"eval.split={self.split!r} must be train, valid or test")
         _check(self.batch_size >= 1 and self.t_samples >= 1 and self.max_batches >= 0,
                "eval.batch_size and eval.t_samples must be >= 1, eval.max_batches >= 0")
+        _check(self.seed >= 0, f"eval.seed={self.seed} must be >= 0")
 
 
 MAX_SAMPLES = 1_000_000  # bounds checked up front, so a typo cannot hang a run for days
@@ -367,7 +374,8 @@ def _unknown_key(key: str, known: list[str]) -> str:
 
 
 def coerce(value: Any, kind: Any, name: str) -> Any:
-    """Convert a string (CLI) or JSON/YAML scalar to the field's declared type."""
+    """Convert a string (CLI) or JSON/YAML scalar to the field's declared type; a float field
+    takes finite numbers only (nan, inf and 1e400 are refused here, whatever its range)."""
     if kind is Any:
         return value
     if kind is bool:
@@ -384,8 +392,10 @@ def coerce(value: Any, kind: Any, name: str) -> Any:
             raise ConfigError(f"{name}={value!r} must be a number")
         try:
             number = float(value) if kind is float else _as_int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int('1e400')
             raise ConfigError(f"{name}={value!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if kind is float and not math.isfinite(number):
+            raise ConfigError(f"{name}={value!r} is not a finite number")
         return number
     if kind is str:
         return str(value)

@@ -48,6 +48,11 @@ def quickstart(*, out: str = "runs/quickstart", steps: int | None = None,
             print(f"== {method}: d={run.model.dim} layers={run.model.n_layers} L={run.data.seq_len} "
                   f"steps={run.train.steps} on {run.data.corpus} ({run.data.tokenizer})")
         result = train(run, Path(out) / method, quiet=quiet)
+        if result.interrupted:  # SIGINT/SIGTERM: this run is checkpointed; nothing runs after it
+            if not quiet:
+                print(f"== {method} interrupted at step {result.step}; checkpoint {result.checkpoint}; "
+                      f"the same command resumes it")
+            raise KeyboardInterrupt  # `ddlm` exits with status 130, as an interrupted `ddlm train`
         test = evaluate_checkpoint(result.out_dir, split="test")
         samples = sample_checkpoint(result.out_dir, options={"length": run.data.seq_len})
         if words_of is None:

@@ -1,11 +1,15 @@
-"""`ddlm sample`: draw from a checkpoint with its method's sampler."""
+"""`ddlm sample`: draw from a checkpoint with its method's sampler, and write the samples file."""
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
 
 import torch
 
 from ddlm.build import load_for_inference
 from ddlm.config import section_config, split_sections
-from ddlm.errors import ConfigError, DataError
+from ddlm.errors import ConfigError, DataError, DdlmError
 from ddlm.eval.generation import cut_at_eos, judge_nll, sample_statistics
 from ddlm.eval.judges import load_judge
 from ddlm.sampling.base import model_device
@@ -70,3 +74,46 @@ def length_stats(lengths: list[int]) -> dict:
     ordered = sorted(lengths)
     return {"min": ordered[0], "mean": sum(ordered) / len(ordered), "median": ordered[len(ordered) // 2],
             "max": ordered[-1]}
+
+
+def write_output(path: str | Path, text: str) -> None:
+    """Write `text` to the samples file `path`. A regular file (or a new one) is replaced
+    atomically: a temporary file beside it, fsynced, then renamed over it, so a kill or a full disk
+    leaves the old file whole. An existing character device or FIFO (/dev/null, /dev/stdout, a
+    pipe) is written into directly, as renaming over it would replace the device with a regular
+    file; any other kind of file (a block device, a socket) is refused."""
+    target = Path(path)
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = stat.S_IFREG
+    except OSError as err:
+        raise DdlmError(f"cannot write '{path}' ({err.strerror})") from None
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        try:
+            with open(target, "w") as f:
+                f.write(text)
+        except OSError as err:
+            raise DdlmError(f"could not write '{path}' ({err.strerror})") from None
+        return
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"--out '{path}' is neither a regular file, a character device nor a FIFO; "
+                          f"name a file such as samples.jsonl")
+    try:
+        _replace_atomically(target, text)
+    except OSError as err:
+        raise DdlmError(f"could not write '{path}' ({err.strerror}); an earlier file there is unchanged") from None
+
+
+def _replace_atomically(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,10 +1,12 @@
 """One trainer per run directory: an exclusive lock on OUT/.lock that holds the owner's pid.
 
 The kernel drops a flock when its process dies, so a lock left by a killed trainer is stale by
-construction and the next trainer simply takes it.
+construction and the next trainer simply takes it. The lock file is opened without following a
+symbolic link, so taking it never truncates a file outside the run directory.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -18,7 +20,14 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise ConfigError(f"lock '{self.path}' is a symbolic link, which ddlm never follows outside the "
+                                  f"run directory '{self.path.parent}' (remove the link)") from None
+            raise ConfigError(f"cannot take the lock '{self.path}' of run directory '{self.path.parent}' "
+                              f"({err.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

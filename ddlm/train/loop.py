@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import signal
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch
 from ddlm import runtime
 from ddlm.build import build_method, check_memory, complete_model_config, prepare_data
 from ddlm.checkpoint import (SHARDED_META, SHARDED_STATE, latest_name, load_checkpoint, load_trainer_state,
-                             new_temporary, resolve_checkpoint, save_checkpoint, weights_misfit)
+                             new_temporary, refuse_outside_links, resolve_checkpoint, save_checkpoint,
+                             weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError, DistributedError
@@ -173,12 +175,18 @@ class Trainer:
             self._restore(previous)
 
     def _previous_checkpoint(self, run: RunConfig, overwrite: bool) -> Path | None:
-        if not (self.out_dir / "latest").is_file():
-            return None
-        if overwrite:
+        """The checkpoint to resume from (None: a fresh run), after refusing a run directory whose
+        files lead out of it or would block; --overwrite removes the run's files (a link itself,
+        never what it points to)."""
+        latest = self.out_dir / "latest"
+        if overwrite and (latest.is_file() or latest.is_symlink()):
             for name in ("checkpoints", "latest", "metrics.jsonl"):
                 target = self.out_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
+            return None
+        refuse_outside_links(self.out_dir)
+        self._check_metrics_file()
+        if not latest.is_file():
             return None
         ckpt = resolve_checkpoint(self.out_dir)
         old = load_checkpoint(ckpt).config
@@ -215,6 +223,24 @@ class Trainer:
         runtime.set_rng_state(state["rng"])
         self.step = self.resumed_from = state["step"]
         self.dist.on_main(lambda: self._truncate_metrics(self.step))
+
+    def _check_metrics_file(self) -> None:
+        """metrics.jsonl is appended to and read back: it must be a regular file of the run
+        directory (a FIFO or device would block or swallow the log, a link would lead out)."""
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return
+        if stat.S_ISLNK(mode):
+            target = os.path.realpath(path)
+            if not Path(target).is_relative_to(self.out_dir.resolve()):
+                raise ConfigError(f"'{path}' is a symbolic link to '{os.readlink(path)}', outside the run directory "
+                                  f"'{self.out_dir}'; ddlm appends its metrics only inside it (remove the link)")
+            mode = os.stat(path).st_mode if os.path.exists(path) else stat.S_IFREG
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"'{path}' is not a regular file (a FIFO, device or socket); ddlm appends its "
+                              f"metrics there: remove it or choose another --out")
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
@@ -269,6 +295,14 @@ class Trainer:
                                         + (f"{kept} keeps the last good weights" if kept else "nothing was saved")
                                         + "; lower train.lr or check the data")
                     bar.update(1)
+                    if self.step == cfg.steps:  # skipped steps left the weights as they were: keep them
+                        checkpoint = self.save()
+                        raise DataError(f"the last {bad_in_row} step(s), up to step {self.step}, had a loss or "
+                                        f"gradient that was not finite and were skipped; the last good weights "
+                                        f"are saved in {checkpoint}")
+                    if self._stopping(stop_after):
+                        checkpoint = self.save()
+                        break
                     continue
                 bad_in_row = 0
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -277,9 +311,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
                 last = self.step == cfg.steps
-                # a signal is acted on at the same step by every rank: the one all of them agreed on
-                asked = self.stop_agreed or (self.dist.world_size == 1 and self.stop_requested)
-                stopping = asked or (stop_after is not None and self.step >= stop_after)
+                stopping = self._stopping(stop_after)
                 if self.method.adapt_every and self.step % self.method.adapt_every == 0:
                     self.adapt_method()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
@@ -298,6 +330,12 @@ class Trainer:
                            runtime.dtype_name(self.dtype), valid, seconds,
                            done * tokens_per_step / max(seconds, 1e-9), self.resumed_from, losses,
                            self.dist.is_main)
+
+    def _stopping(self, stop_after: int | None) -> bool:
+        """Whether to checkpoint and stop after this step. A signal is acted on at the same step by
+        every rank: the one all of them agreed on."""
+        asked = self.stop_agreed or (self.dist.world_size == 1 and self.stop_requested)
+        return asked or (stop_after is not None and self.step >= stop_after)
 
     def _noise(self, micro: int) -> torch.Generator | None:
         """The noise generator of global micro-batch `micro` of this step (None: the global RNG, as
@@ -442,7 +480,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
+        with open(self.out_dir / "metrics.jsonl", "a") as f:  # a regular file (_check_metrics_file)
             f.write(json.dumps(record) + "\n")
 
     # -- signals ----------------------------------------------------------------------------
