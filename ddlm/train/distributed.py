@@ -122,7 +122,13 @@ class Distributed:
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, initialised=True)
 
     def close(self) -> None:
+        """Leave the process group this object joined, all ranks together (a rank that tears
+        down its connections while another is still busy can abort that one's gloo threads)."""
         if self.initialised and dist.is_initialized():
+            try:
+                self.barrier()
+            except RuntimeError:  # a rank already gone: nothing left to wait for
+                pass
             dist.destroy_process_group()
             self.initialised = False
 

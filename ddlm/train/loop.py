@@ -385,13 +385,24 @@ class Trainer:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
+    @property
+    def eval_rows(self) -> int:
+        """Rows of one held-out forward pass: the micro-batch when one is set (a global batch of
+        512 x 1024 tokens does not fit one pass), the same on any number of processes."""
+        cfg = self.run.train
+        return cfg.micro_batch_size or cfg.batch_size
+
+    def eval_batches(self, batches: int) -> int:
+        """`batches` global batches of held-out rows, counted in passes of `eval_rows`."""
+        return batches * (self.run.train.batch_size // self.eval_rows)
+
     def validate(self) -> dict:
         cfg = self.run.train
         if not self.method.has_likelihood or self.method.validation == "loss":
             return self._validate_loss()
         with self._inference_weights():
             result = evaluate_likelihood(self.method, self.model, self.datasets["valid"],
-                                         batch_size=cfg.batch_size, max_batches=cfg.eval_batches,
+                                         batch_size=self.eval_rows, max_batches=self.eval_batches(cfg.eval_batches),
                                          seed=cfg.seed, dtype=self.dtype, dist=self.dist)
         record = {"step": self.step, "split": "valid", "val_nll": result.nll_per_token,
                   "val_bpc": result.bpc, "val_ppl": result.ppl, "val_bpc_stderr": result.bpc_stderr,
@@ -406,12 +417,12 @@ class Trainer:
         """For a method without a likelihood: the mean training loss on validation batches (the
         batches sharded over ranks, each with noise seeded by its index)."""
         cfg = self.run.train
-        loader = BlockLoader(self.datasets["valid"], cfg.batch_size, shuffle=False, drop_last=False)
+        loader = BlockLoader(self.datasets["valid"], self.eval_rows, shuffle=False, drop_last=False)
         names: list[str] = []
         sums = None
         with self._inference_weights():
             self.model.eval()
-            for i, batch, real in sharded_batches(loader, cfg.eval_batches, self.dist):
+            for i, batch, real in sharded_batches(loader, self.eval_batches(cfg.eval_batches), self.dist):
                 x0 = batch.tokens.to(self.device)
                 mask = batch.mask.to(self.device) if batch.mask is not None else None
                 generator = torch.Generator(device=self.device).manual_seed(micro_seed(cfg.seed, -1, i))
@@ -435,10 +446,10 @@ class Trainer:
         `method.adapt_batches` validation batches, with the inference weights and its own
         generator (the training noise stream is not touched); logs what it returns. Every rank
         computes it (a sharded model needs them all); rank 0's result is kept everywhere."""
-        loader = BlockLoader(self.datasets["valid"], self.run.train.batch_size, shuffle=False, drop_last=False)
+        loader = BlockLoader(self.datasets["valid"], self.eval_rows, shuffle=False, drop_last=False)
         batches = []
         for batch in loader.epoch_batches():
-            if len(batches) >= self.method.adapt_batches:
+            if len(batches) >= self.eval_batches(self.method.adapt_batches):
                 break
             batches.append(batch.tokens.to(self.device))
         generator = torch.Generator(device=self.device).manual_seed(self.run.train.seed + self.step)
