@@ -249,11 +249,13 @@ def test_two_nodes_by_rendezvous_equal_one_process(corpus, tmp_path):
     localhost train as one job of two ranks."""
     port = free_port()
     args = cli_args(corpus, tmp_path / "nodes", 6)
+    # both "machines" are this host, so say which one hosts the rendezvous store
     launchers = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                                    "--nproc_per_node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                                   f"127.0.0.1:{port}", "--rdzv-id", "ddlm-test", *args],
+                                   f"127.0.0.1:{port}", "--rdzv-id", f"ddlm-test-{port}",
+                                   "--rdzv-conf", f"is_host={int(node == 0)}", *args],
                                   env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(2)]
+                 for node in range(2)]
     for launcher in launchers:
         _, stderr = launcher.communicate(timeout=300)
         assert launcher.returncode == 0, stderr[-2000:]
