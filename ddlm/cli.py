@@ -139,7 +139,9 @@ def cmd_sample(args, extra: list[str]) -> int:
     if args.out:
         lines = [json.dumps({"index": i, "text": text, "tokens": result["tokens"][i]}) + "\n"
                  for i, text in enumerate(result["texts"])]
-        write_atomically(args.out, "".join(lines))
+        from ddlm.sampling.run import write_output
+
+        write_output(args.out, "".join(lines))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "tokens"}))
     else:
@@ -188,24 +190,6 @@ def check_writable_file(path: str) -> None:
         raise DdlmError(f"--out '{path}' is a directory; name a file such as samples.jsonl")
     if not target.parent.is_dir():
         raise DdlmError(f"--out '{path}': directory '{target.parent}' does not exist")
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Write a temporary file beside `path`, then rename it over `path`: a kill or a full disk
-    leaves the old file whole."""
-    import os
-
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise DdlmError(f"could not write '{path}' ({err.strerror}); an earlier file there is unchanged") from None
 
 
 # -- info -----------------------------------------------------------------------------------

@@ -366,8 +366,6 @@ def test_metrics_jsonl_that_is_a_fifo_is_refused_not_waited_on(tmp_path, resume)
     assert stat.S_ISFIFO(os.lstat(run / "metrics.jsonl").st_mode)
 
 
-@pytest.mark.xfail(reason="ddlm/data/corpora.py (_read_text) must accept regular files only; see the "
-                          "defects report", strict=False)
 def test_a_fifo_as_corpus_is_refused_not_waited_on(tmp_path):
     from ddlm.data.corpora import load_corpus
 

@@ -316,7 +316,7 @@ def test_sample_out_is_checked_first_and_replaced_atomically(trained, tmp_path, 
     target.write_text("old samples\n")
     import builtins
 
-    import ddlm.cli as cli
+    import ddlm.sampling.run as sampling_run
 
     class FullDisk:
         """A file whose writes fail as on a full device."""
@@ -333,9 +333,9 @@ def test_sample_out_is_checked_first_and_replaced_atomically(trained, tmp_path, 
         def write(self, text):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "open", FullDisk, raising=False)  # only the CLI's own writes
+    monkeypatch.setattr(sampling_run, "open", FullDisk, raising=False)  # only the samples file's writes
     assert main(["sample", str(trained), "--num", "1", "--length", "4", "--out", str(target)]) == 2
-    monkeypatch.delattr(cli, "open")
+    monkeypatch.delattr(sampling_run, "open")
     err = capsys.readouterr().err
     assert "No space left on device" in err and "unchanged" in err
     assert target.read_text() == "old samples\n" and not list(tmp_path.glob(".s.jsonl.tmp*"))

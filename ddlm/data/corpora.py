@@ -135,6 +135,8 @@ def _read_text(path: Path, what: str = "corpus file") -> str:
         raise DataError(f"{what} '{path}' not found")
     if path.is_dir():
         raise DataError(f"{what} '{path}' is a directory; expected a text file")
+    if not path.is_file():  # reading a FIFO or a device would block or never end
+        raise DataError(f"{what} '{path}' is not a regular file (a FIFO, device or socket); expected a text file")
     try:
         data = path.read_bytes()
     except OSError as exc:

@@ -96,6 +96,8 @@ def _check_file(path: Path, what: str) -> None:
         raise DataError(f"{what} '{path}' not found")
     if path.is_dir():
         raise DataError(f"{what} '{path}' is a directory; expected a text file")
+    if not path.is_file():  # reading a FIFO or a device would block or never end
+        raise DataError(f"{what} '{path}' is not a regular file (a FIFO, device or socket); expected a text file")
 
 
 def _decoded_blocks(path: Path, what: str, on_bytes=None) -> Iterator[str]:
