@@ -201,8 +201,12 @@ class Distributed:
             return step
         from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(step, device_ids=ids)
+        cuda = self.device.type == "cuda"
+        # gloo on CPU: 4 MB buckets start all-reducing while backward still runs (the default 25 MB
+        # is one bucket for a small model, all-reduced after backward: 4-11% of an MDLM/AR step
+        # waiting on it against 0-2%, benchmarks/scaling.py); NCCL keeps torch's default
+        return DistributedDataParallel(step, device_ids=[self.device.index] if cuda else None,
+                                       bucket_cap_mb=None if cuda else 4.0, gradient_as_bucket_view=True)
 
     def skip_sync(self, step_module: nn.Module, last: bool):
         """A context that, for every micro-batch but the last, keeps gradients local (accumulated);
