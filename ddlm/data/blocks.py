@@ -205,7 +205,7 @@ class BlockLoader:
             raise ConfigError(f"rank must be < world_size ({world_size}); got {rank}")
         self.ds, self.batch_size, self.seed, self.shuffle = ds, batch_size, seed, shuffle
         self.drop_last, self.rank, self.world_size = drop_last, rank, world_size
-        self.batches_per_epoch = self._count(drop_last)
+        self.batches_per_epoch = self.count_batches(drop_last)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"dataset of {len(ds)} blocks gives rank {rank} no batch of {batch_size} "
@@ -215,7 +215,7 @@ class BlockLoader:
         self.index = 0  # next batch of this rank within the epoch
         self._order_cache: tuple[int, np.ndarray] | None = None
 
-    def _count(self, drop_last: bool) -> int:
+    def count_batches(self, drop_last: bool) -> int:
         """Batches this rank gets per epoch."""
         n, b, w = len(self.ds), self.batch_size, self.world_size
         if drop_last:
@@ -263,7 +263,7 @@ class BlockLoader:
     def epoch_batches(self) -> Iterator[Batch]:
         """One unshuffled pass over every row of this rank's shard (last batch may be short); state untouched."""
         order = np.arange(len(self.ds))
-        for i in range(self._count(drop_last=False)):
+        for i in range(self.count_batches(drop_last=False)):
             yield self._batch(order, i)
 
     def state_dict(self) -> dict:

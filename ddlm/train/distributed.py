@@ -16,6 +16,7 @@ all ranks, each rank taking a contiguous part of them in micro-batches of train.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -203,16 +204,14 @@ class Distributed:
 
         cuda = self.device.type == "cuda"
         # gloo on CPU: 4 MB buckets start all-reducing while backward still runs (the default 25 MB
-        # is one bucket for a small model, all-reduced after backward: 4-11% of an MDLM/AR step
-        # waiting on it against 0-2%, benchmarks/scaling.py); NCCL keeps torch's default
+        # is one bucket for a small model, reduced only after backward; measured in
+        # benchmarks/scaling.py, docs/distributed.md); NCCL keeps torch's default
         return DistributedDataParallel(step, device_ids=[self.device.index] if cuda else None,
                                        bucket_cap_mb=None if cuda else 4.0, gradient_as_bucket_view=True)
 
     def skip_sync(self, step_module: nn.Module, last: bool):
         """A context that, for every micro-batch but the last, keeps gradients local (accumulated);
         the last one synchronises them."""
-        import contextlib
-
         if hasattr(step_module, "no_sync") and not last:
             return step_module.no_sync()
         for module in sharded_roots(step_module):
@@ -279,7 +278,7 @@ def sharded_batches(loader, max_batches: int, dist: Distributed):
     of an unshuffled pass: batch i goes to rank i % world. Every rank gets the same number of
     rounds, so a sharded model's collectives line up; a rank with no batch left in the last round
     scores one again with real = False (its figures are not counted)."""
-    total = loader._count(drop_last=False)
+    total = loader.count_batches(drop_last=False)
     total = min(total, max_batches) if max_batches else total
     order = np.arange(len(loader.ds))
     for r in range(-(-total // dist.world_size)):
