@@ -256,8 +256,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_args(s):
     s.add_argument("--method", help="ar | mdlm | sedd | bd3 | edlm")
-    s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt (default austen)")
-    s.add_argument("--tokenizer", help="char | byte | bpe | cl100k (default char)")
+    s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt | prepared:DIR (default austen)")
+    s.add_argument("--tokenizer", help="char | byte | bpe | cl100k | gpt2 | bert[:VOCAB] (default char)")
     s.add_argument("--out", required=True, help="run directory (resumed if it holds this run)")
     s.add_argument("--steps", type=int, help="optimizer steps (same as --train.steps)")
     s.add_argument("--config", help="YAML recipe applied before the command-line options")

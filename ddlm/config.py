@@ -77,9 +77,9 @@ class DataConfig:
     """Where the tokens come from and how they are cut into sequences."""
 
     corpus: str = "austen"
-    """austen | text8:PATH | hf:PATH | PATH.txt"""
+    """austen | text8:PATH | hf:PATH | PATH.txt | prepared:DIR (tokens written by `ddlm data prepare`)"""
     tokenizer: str = "char"
-    """char (text8 preprocessing) | byte | bpe | cl100k"""
+    """char (text8 preprocessing) | byte | bpe | cl100k | gpt2 (GPT-2 BPE) | bert[:VOCAB] (bert-base-uncased)"""
     seq_len: int = 256
     """Sequence length L (the model's context)."""
     packing: str = "wrap"
