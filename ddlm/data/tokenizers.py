@@ -335,20 +335,14 @@ def _cl100k_encoding() -> Any:
     )
 
 
-class Cl100kTokenizer:
-    """OpenAI cl100k_base; bos = cl100k's own <|endoftext|> (100257), mask 100277, pad 100278.
+class _TiktokenTokenizer:
+    """A tiktoken encoding with ddlm's mask and pad ids above its ranks (`n_ranks` of them, then the
+    encoding's own specials): text is taken as it is, ids past the ranks decode to "" but MASK."""
 
-    Ids 100256 and 100258..100276 (unused or cl100k's FIM specials) decode to "".
-    """
-
-    name = "cl100k"
-    vocab_size = 100279
-    bos_id = eos_id = 100257
-    mask_id = 100277
-    pad_id = 100278
-
-    def __init__(self) -> None:
-        self._enc = _cl100k_encoding()
+    n_ranks: int
+    mask_id: int
+    vocab_size: int
+    _enc: Any
 
     def normalize(self, text: str) -> str:
         return text
@@ -361,7 +355,7 @@ class Cl100kTokenizer:
         out = bytearray()
         run: list[int] = []
         for i in _id_list(ids, self.vocab_size):
-            if i < CL100K_N_RANKS:
+            if i < self.n_ranks:
                 run.append(i)
                 continue
             if run:
@@ -381,6 +375,23 @@ class Cl100kTokenizer:
         _utf8(text)
 
     check_prompt = check_text
+
+
+class Cl100kTokenizer(_TiktokenTokenizer):
+    """OpenAI cl100k_base; bos = cl100k's own <|endoftext|> (100257), mask 100277, pad 100278.
+
+    Ids 100256 and 100258..100276 (unused or cl100k's FIM specials) decode to "".
+    """
+
+    name = "cl100k"
+    n_ranks = CL100K_N_RANKS
+    vocab_size = 100279
+    bos_id = eos_id = 100257
+    mask_id = 100277
+    pad_id = 100278
+
+    def __init__(self) -> None:
+        self._enc = _cl100k_encoding()
 
     def to_dict(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size}
@@ -430,11 +441,12 @@ def _gpt2_encoding(path: str, stamp: tuple[int, int] | None = None) -> tuple[Any
     return enc, hashlib.sha256(data).hexdigest()
 
 
-class GPT2Tokenizer:
+class GPT2Tokenizer(_TiktokenTokenizer):
     """GPT-2's byte-level BPE (tiktoken); bos = eos = GPT-2's own <|endoftext|> (50256), mask 50257,
     pad 50258."""
 
     name = "gpt2"
+    n_ranks = GPT2_N_RANKS
     vocab_size = 50259
     bos_id = eos_id = 50256
     mask_id = 50257
@@ -444,38 +456,6 @@ class GPT2Tokenizer:
         self.ranks_path = gpt2_ranks_path()
         st = self.ranks_path.stat()
         self._enc, self.ranks_sha256 = _gpt2_encoding(str(self.ranks_path), (st.st_size, st.st_mtime_ns))
-
-    def normalize(self, text: str) -> str:
-        return text
-
-    def encode(self, text: str) -> list[int]:
-        _utf8(text)
-        return self._enc.encode_ordinary(text)
-
-    def decode(self, ids: Any) -> str:
-        out = bytearray()
-        run: list[int] = []
-        for i in _id_list(ids, self.vocab_size):
-            if i < GPT2_N_RANKS:
-                run.append(i)
-                continue
-            if run:
-                out += self._enc.decode_bytes(run)
-                run = []
-            if i == self.mask_id:
-                out += b"<mask>"
-        if run:
-            out += self._enc.decode_bytes(run)
-        return out.decode("utf-8", errors="replace")
-
-    def chars_per_token(self, text: str) -> float:
-        return _ratio(self, text)
-
-    def check_text(self, text: str) -> None:
-        """Every str encodes, except one with unpaired surrogates."""
-        _utf8(text)
-
-    check_prompt = check_text
 
     def to_dict(self) -> dict:
         """Name, size and the ranks' sha256: the ranks come back from the package, not the dict."""
