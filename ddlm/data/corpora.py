@@ -129,14 +129,20 @@ def _checked(name: str, train: list[str], valid: list[str], test: list[str], siz
     return Corpus(name, train, valid, test)
 
 
-def _read_text(path: Path, what: str = "corpus file") -> str:
-    """UTF-8 content of `path`; DataError when missing, binary or empty."""
+def check_text_file(path: Path, what: str) -> None:
+    """DataError unless `path` is an existing regular file (reading a FIFO or a device would block
+    or never end)."""
     if not path.exists():
         raise DataError(f"{what} '{path}' not found")
     if path.is_dir():
         raise DataError(f"{what} '{path}' is a directory; expected a text file")
-    if not path.is_file():  # reading a FIFO or a device would block or never end
+    if not path.is_file():
         raise DataError(f"{what} '{path}' is not a regular file (a FIFO, device or socket); expected a text file")
+
+
+def _read_text(path: Path, what: str = "corpus file") -> str:
+    """UTF-8 content of `path`; DataError when missing, binary or empty."""
+    check_text_file(path, what)
     try:
         data = path.read_bytes()
     except OSError as exc:

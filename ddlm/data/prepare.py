@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from ddlm.data.corpora import TEXT8_URL, Corpus, hf_text_column, load_corpus, open_hf, pick_cut
+from ddlm.data.corpora import TEXT8_URL, Corpus, check_text_file, hf_text_column, load_corpus, open_hf, pick_cut
 from ddlm.data.tokenizers import (
     BPETokenizer,
     Tokenizer,
@@ -91,18 +91,9 @@ def token_dtype(tok: Tokenizer) -> np.dtype:
 # ("begin_split", name), ("begin_doc",), ("text", str), ("end_doc",), ("end_split",)
 
 
-def _check_file(path: Path, what: str) -> None:
-    if not path.exists():
-        raise DataError(f"{what} '{path}' not found")
-    if path.is_dir():
-        raise DataError(f"{what} '{path}' is a directory; expected a text file")
-    if not path.is_file():  # reading a FIFO or a device would block or never end
-        raise DataError(f"{what} '{path}' is not a regular file (a FIFO, device or socket); expected a text file")
-
-
 def _decoded_blocks(path: Path, what: str, on_bytes=None) -> Iterator[str]:
     """The UTF-8 text of `path` in blocks (BOM dropped); DataError as `corpora._read_text` words it."""
-    _check_file(path, what)
+    check_text_file(path, what)
     try:
         f = open(path, "rb")
     except OSError as exc:
@@ -188,7 +179,7 @@ class _FileSource(_Source):
     def __init__(self, path: Path, *, text8: bool, progress: bool) -> None:
         self.path, self.text8, self.name = path, text8, "text8" if text8 else (path.stem or str(path))
         self.what = "text8 file" if text8 else "corpus file"
-        _check_file(path, self.what)
+        check_text_file(path, self.what)
         progress = progress and path.stat().st_size > SCAN_BAR_BYTES  # the scans of a small file are instant
         n, has_text = 0, False
         with _bar(progress, path, "count") as bar:
