@@ -439,3 +439,24 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request) -> torch.device:
     """Every device this machine has: the CPU, and CUDA where torch sees a GPU."""
     return torch.device(request.param)
+
+
+def tiny_built(name: str, model: dict, seq_len: int, seed: int = 0, perturb: float = 0.0):
+    """(run, tokenizer, method, model) of method `name` on the char tokenizer, as the trainer builds
+    them, with the model options `model`; with `perturb`, every parameter gets N(0, perturb^2)
+    noise (so zero-initialised gates and head no longer hide the input)."""
+    from ddlm.build import build_method, complete_model_config
+    from ddlm.config import make_config
+    from ddlm.data import build_tokenizer
+
+    run = make_config(base={"method": name, "model": dict(model), "data": {"seq_len": seq_len}})
+    tokenizer = build_tokenizer(run.data.tokenizer)
+    method = build_method(run, tokenizer)
+    run = complete_model_config(run, method, tokenizer.vocab_size)
+    torch.manual_seed(seed)
+    network = method.build_model(run.model)
+    if perturb:
+        with torch.no_grad():
+            for p in network.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return run, tokenizer, method, network

@@ -21,7 +21,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddlm.build import build_method, complete_model_config
 from ddlm.checkpoint import load_trainer_state
 from ddlm.cli import main
 from ddlm.config import SampleConfig, make_config
@@ -30,7 +29,7 @@ from ddlm.errors import ConfigError
 from ddlm.methods.base import method_class, method_names
 from ddlm.train.loop import train
 
-from conftest import EXACT_MODELS, JOINT, MASK, SEQS, V, kernel
+from conftest import EXACT_MODELS, JOINT, MASK, SEQS, V, kernel, tiny_built
 
 METHODS = method_names()
 SAMPLERS = [(name, sampler) for name in METHODS for sampler in method_class(name).samplers]
@@ -40,20 +39,8 @@ TEXT = "the quick brown fox jumps over the lazy dog\n" * 300
 
 
 def built(name: str, seed: int = 0, perturb: float = 0.0):
-    """(run, tokenizer, method, model) on the char tokenizer, as the trainer builds them; with
-    `perturb`, every parameter gets N(0, perturb^2) noise (so zero-initialised gates and head no
-    longer hide the input)."""
-    run = make_config(base={"method": name, "model": dict(TINY_MODEL), "data": {"seq_len": SEQ_LEN}})
-    tokenizer = build_tokenizer(run.data.tokenizer)
-    method = build_method(run, tokenizer)
-    run = complete_model_config(run, method, tokenizer.vocab_size)
-    torch.manual_seed(seed)
-    model = method.build_model(run.model)
-    if perturb:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(perturb * torch.randn_like(p))
-    return run, tokenizer, method, model
+    """(run, tokenizer, method, model) of the contract's tiny model (conftest.tiny_built)."""
+    return tiny_built(name, TINY_MODEL, SEQ_LEN, seed, perturb)
 
 
 def text_ids(tokenizer, n: int, length: int, seed: int) -> torch.Tensor:

@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from ddlm import runtime
-from ddlm.build import build_method, complete_model_config
-from ddlm.config import ModelConfig, SampleConfig, make_config
-from ddlm.data import build_tokenizer
+from ddlm.config import ModelConfig, SampleConfig
 from ddlm.methods.base import method_names
 from ddlm.nn.transformer import Rotary, Transformer
+
+from conftest import tiny_built
 
 METHODS = method_names()
 TINY_MODEL = {"dim": 32, "n_layers": 2, "n_heads": 2}
@@ -37,18 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def built(name: str, seed: int = 0, perturb: float = 0.2):
-    """(tokenizer, method, model) as the trainer builds them, on the char tokenizer, every
-    parameter jittered by N(0, perturb^2) so that zero-initialised gates do not hide the input."""
-    run = make_config(base={"method": name, "model": dict(TINY_MODEL), "data": {"seq_len": SEQ_LEN}})
-    tokenizer = build_tokenizer(run.data.tokenizer)
-    method = build_method(run, tokenizer)
-    run = complete_model_config(run, method, tokenizer.vocab_size)
-    torch.manual_seed(seed)
-    model = method.build_model(run.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(perturb * torch.randn_like(p))
-    return tokenizer, method, model
+    """(tokenizer, method, model) of this file's tiny model, every parameter jittered by
+    N(0, perturb^2) so that zero-initialised gates do not hide the input (conftest.tiny_built)."""
+    return tiny_built(name, TINY_MODEL, SEQ_LEN, seed, perturb)[1:]
 
 
 def text_ids(tokenizer, n: int, length: int, seed: int, device="cpu") -> torch.Tensor:
