@@ -41,18 +41,18 @@ def test_tiny_recipe_runs_end_to_end_and_a_rerun_reuses_everything(tiny, monkeyp
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["rows"]] == ["ar", "mdlm"]
     ar, mdlm = results["rows"]
-    assert ar["likelihood"]["exact"] and not mdlm["likelihood"]["exact"]
-    assert len(ar["generation"]) == 2  # AR has no steps: one setting per top-p
-    assert [(g["steps"], g["top_p"]) for g in mdlm["generation"]] == [(2, 1.0), (2, 0.9), (8, 1.0), (8, 0.9)]
-    assert mdlm["generation"][0]["nfe"] <= 2 and mdlm["generation"][2]["nfe"] > 2
-    assert 0 < mdlm["conditional"]["mauve"] <= 1 and mdlm["conditional"]["prompts"] == 6
-    judged = mdlm["generation"][0]["judges"]["ar"]
+    assert ar["seeds"][0]["likelihood"]["exact"] and not mdlm["seeds"][0]["likelihood"]["exact"]
+    assert len(ar["seeds"][0]["generation"]) == 2  # AR has no steps: one setting per top-p
+    assert [(g["steps"], g["top_p"]) for g in mdlm["seeds"][0]["generation"]] == [(2, 1.0), (2, 0.9), (8, 1.0), (8, 0.9)]
+    assert mdlm["seeds"][0]["generation"][0]["nfe"] <= 2 and mdlm["seeds"][0]["generation"][2]["nfe"] > 2
+    assert 0 < mdlm["seeds"][0]["conditional"]["mauve"] <= 1 and mdlm["seeds"][0]["conditional"]["prompts"] == 6
+    judged = mdlm["seeds"][0]["generation"][0]["judges"]["ar"]
     assert judged["tokens"] > 0 and judged["gen_ppl"] > 1
     report = (out / "report.md").read_text()
     for needle in ("| ar |", "| mdlm |", "## Likelihood", "## Conditional generation",
                    "the diffusion row", "BPC ar < mdlm", "![bpc](bpc.png)"):
         assert needle in report, needle
-    for plot in ("bpc", "genppl_vs_nfe", "genppl_vs_seconds", "entropy_vs_steps", "validation"):
+    for plot in ("bpc", "quality_vs_nfe", "quality_vs_seconds", "entropy_vs_steps", "validation"):
         assert (out / f"{plot}.png").stat().st_size > 1000, plot
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 2 * (1 + 2 + 1) + 2  # likelihood, generation settings, conditional
@@ -93,7 +93,7 @@ def test_a_changed_setting_is_evaluated_anew(tiny, monkeypatch):
     recipe.write_text(TINY.replace("num: 3", "num: 4"))
     assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert all(g["num"] == 4 for r in rows for g in r["generation"])
+    assert all(g["num"] == 4 for r in rows for g in r["seeds"][0]["generation"])
 
 
 @pytest.mark.parametrize("change, message", [

@@ -93,11 +93,11 @@ def test_two_processes_give_the_one_process_likelihoods_and_weights(runs):
     assert two["processes"] == 2 and "processes" not in one
     for a, b in zip(one["rows"], two["rows"]):
         assert a["name"] == b["name"]
-        assert a["likelihood"]["tokens"] == b["likelihood"]["tokens"] > 0
-        assert a["likelihood"]["sequences"] == b["likelihood"]["sequences"] == 20
+        assert a["seeds"][0]["likelihood"]["tokens"] == b["seeds"][0]["likelihood"]["tokens"] > 0
+        assert a["seeds"][0]["likelihood"]["sequences"] == b["seeds"][0]["likelihood"]["sequences"] == 20
         for key in FIGURES:
-            assert b["likelihood"][key] == pytest.approx(a["likelihood"][key], rel=1e-6, abs=1e-6), (a["name"], key)
-        assert a["train"]["steps"] == b["train"]["steps"] == 4
+            assert b["seeds"][0]["likelihood"][key] == pytest.approx(a["seeds"][0]["likelihood"][key], rel=1e-6, abs=1e-6), (a["name"], key)
+        assert a["seeds"][0]["train"]["steps"] == b["seeds"][0]["train"]["steps"] == 4
         wa, wb = weights(runs["one"] / "runs" / a["name"]), weights(runs["two"] / "runs" / b["name"])
         assert set(wa) == set(wb)
         worst = max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
@@ -107,12 +107,12 @@ def test_two_processes_give_the_one_process_likelihoods_and_weights(runs):
 def test_rank_zero_alone_samples_writes_and_prints(runs):
     two = json.loads((runs["two"] / "results.json").read_text())
     ar, mdlm = two["rows"]
-    assert len(ar["generation"]) == 1 and len(mdlm["generation"]) == 1
-    assert mdlm["generation"][0]["judges"]["ar"]["tokens"] > 0 and 0 < mdlm["conditional"]["mauve"] <= 1
+    assert len(ar["seeds"][0]["generation"]) == 1 and len(mdlm["seeds"][0]["generation"]) == 1
+    assert mdlm["seeds"][0]["generation"][0]["judges"]["ar"]["tokens"] > 0 and 0 < mdlm["seeds"][0]["conditional"]["mauve"] <= 1
     records = [json.loads(line) for line in (runs["two"] / "results.jsonl").read_text().splitlines()]
     kinds = sorted((r["kind"], r["row"]) for r in records)
     assert kinds == sorted([(k, row) for row in ("ar", "mdlm") for k in ("likelihood", "generation", "conditional")])
-    assert len(list((runs["two"] / "stages").iterdir())) == 6
+    assert len(list((runs["two"] / "stages").iterdir())) == 7  # and the held-out reference
     assert runs["stdout"].count("report: ") == 1  # rank 0 alone prints
     assert "torchrun --nproc_per_node 2 -m ddlm compare" in (runs["two"] / "report.md").read_text()
     metrics = (runs["two"] / "runs" / "mdlm" / "metrics.jsonl").read_text().splitlines()

@@ -185,19 +185,19 @@ def run_tiny(name: str, out: Path) -> tuple[dict, float]:
     seconds = time.perf_counter() - start
     assert (out / "report.md").is_file() and (out / "results.json").is_file()
     written = json.loads((out / "results.json").read_text())
-    assert [(r["name"], r["likelihood"]["bpc"]) for r in written["rows"]] == \
-        [(r["name"], r["likelihood"]["bpc"]) for r in results["rows"]]
+    assert [(r["name"], r["seeds"][0]["likelihood"]["bpc"]) for r in written["rows"]] == \
+        [(r["name"], r["seeds"][0]["likelihood"]["bpc"]) for r in results["rows"]]
     recipe = read_recipe(ROOT / "recipes" / f"{name}.yaml", scale="tiny")
     assert [r["name"] for r in results["rows"]] == [r.name for r in recipe.rows]
     for row in results["rows"]:
-        assert row["likelihood"]["bpc"] > 0 and row["likelihood"]["tokens"] > 0, row["name"]
-        assert row["generation"], row["name"]
+        assert row["seeds"][0]["likelihood"]["bpc"] > 0 and row["seeds"][0]["likelihood"]["tokens"] > 0, row["name"]
+        assert row["seeds"][0]["generation"], row["name"]
         assert all(g["num"] == recipe.generation.num and g["judges"]["ar"]["tokens"] > 0
-                   for g in row["generation"]), row["name"]
-        assert 0 < row["conditional"]["mauve"] <= 1, row["name"]
-        assert row["conditional"]["prompts"] == recipe.conditional.prompts, row["name"]
-        if row["train"] is not None:  # tens of steps (a row started from another: a few more)
-            assert 5 <= row["train"]["steps"] <= 20, row["name"]
+                   for g in row["seeds"][0]["generation"]), row["name"]
+        assert 0 < row["seeds"][0]["conditional"]["mauve"] <= 1, row["name"]
+        assert row["seeds"][0]["conditional"]["prompts"] == recipe.conditional.prompts, row["name"]
+        if row["seeds"][0]["train"] is not None:  # tens of steps (a row started from another: a few more)
+            assert 5 <= row["seeds"][0]["train"]["steps"] <= 20, row["name"]
         assert row["config"]["model"]["dim"] == 64 and row["config"]["data"]["corpus"] == "austen"
     report = (out / "report.md").read_text()
     assert f"# ddlm compare: {name} (tiny scale)" in report and "--scale tiny" in report

@@ -18,6 +18,12 @@ with their options) and how every row is evaluated. See recipes/*.yaml.
 
 "@NAME" in an option names another row's run directory; the judge "ar" is the row named ar.
 
+`seeds: N` (default 1) trains every row N times, with train.seed = the base seed + k for
+k = 0..N-1 (a row may set its own `seeds`; a row sampled from another has that row's seeds). Seed k
+of a row lives in runs/<row> (k = 0) or runs/<row>-seed<k>, starts from (init) and refers to ("@")
+seed k of the other rows, and is evaluated and sampled like the others; the report gives every
+figure as the mean over seeds with its spread.
+
 A recipe may also name scales: sets of overrides that run the same rows at another size
 (`ddlm compare RECIPE --scale NAME`), e.g. a CPU-sized smoke run of a GPU recipe:
 
@@ -26,6 +32,7 @@ A recipe may also name scales: sets of overrides that run the same rows at anoth
         description: the same rows on CPU in minutes   # shown in the report
         tokenizer_fallback: char   # used (and said so) when the recipe's tokenizer is not available offline
         base: {data: {corpus: austen, seq_len: 64}, model: {dim: 64, n_layers: 2, n_heads: 2}}
+        seeds: 1                   # training seeds per row at this scale
         rows: {edlm-nce: {train: {steps: 5}}}     # per-row overrides of train, options, eval, ...
         evaluate: {generation: {steps: [4, 16], num: 4}}
 
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,11 +59,13 @@ class Row:
     method: str = ""  # trained with this method ...
     options: dict = field(default_factory=dict)  # ... and these --<method>.* options
     train: dict = field(default_factory=dict)  # overrides of the shared train section
+    model: dict = field(default_factory=dict)  # overrides of the shared backbone (e.g. block: gated)
     init: str = ""  # start from this row's run (EDLM-NCE from MDLM)
     sample_of: str = ""  # or: not trained; this row's run, sampled with `sample_options`
     sample_options: dict = field(default_factory=dict)  # method options at sample/eval time
     eval: dict = field(default_factory=dict)  # overrides of the likelihood protocol for this row
     note: str = ""  # what differs from the shared budget, printed in the report
+    seeds: int = 0  # training seeds of this row (0: the recipe's `seeds`)
 
 
 @dataclass
@@ -69,12 +79,12 @@ class Likelihood:
 
 @dataclass
 class Generation:
-    steps: list = field(default_factory=lambda: [8, 32, 128])
-    top_p: list = field(default_factory=lambda: [1.0])
+    steps: list[int] = field(default_factory=lambda: [8, 32, 128])
+    top_p: list[float] = field(default_factory=lambda: [1.0])
     num: int = 16
     length: int = 0  # 0: the context
     batch_size: int = 16
-    judges: list = field(default_factory=lambda: ["ar"])
+    judges: list[str] = field(default_factory=lambda: ["ar"])
     seed: int = 0
 
 
@@ -103,12 +113,19 @@ class Recipe:
     scales: list[str] = field(default_factory=list)  # the scales the recipe defines
     scale: str = ""  # the scale applied ("": the recipe as written)
     tokenizer_fallback: str = ""  # the applied scale's tokenizer when the recipe's is unavailable
+    seeds: int = 1  # training seeds of every row (a row may set its own)
 
     def row(self, name: str) -> Row:
         for row in self.rows:
             if row.name == name:
                 return row
         raise ConfigError(f"recipe {self.name!r} has no row named {name!r}")
+
+    def seeds_of(self, row: Row) -> int:
+        """How many training seeds the row has (a sampled row: those of the row it samples)."""
+        if row.sample_of:
+            row = self.row(row.sample_of)
+        return row.seeds or self.seeds
 
 
 def _section(cls, values, where: str):
@@ -125,16 +142,60 @@ def _section(cls, values, where: str):
     for key, value in values.items():
         kind = hints[key]
         if kind in (int, float, bool, str):
-            value = coerce(value, kind, f"{where}.{key}")
-        elif kind is list and not isinstance(value, list):
-            value = [value]
+            value = _scalar(value, kind, f"{where}.{key}")
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            value = [_scalar(v, item, f"{where}.{key}[{i}]")
+                     for i, v in enumerate(value if isinstance(value, list) else [value])]
         elif kind is dict and not isinstance(value, dict):
-            raise ConfigError(f"{where}.{key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{where}.{key} must be a mapping, got {_short(value)}")
         kwargs[key] = value
     return cls(**kwargs)
 
 
-SCALE_KEYS = ("description", "tokenizer_fallback", "base", "rows", "evaluate")
+def _scalar(value, kind, name: str):
+    """A recipe scalar of type `kind`: a string field takes strings only (a list or a number where
+    a name belongs is a mistake), numbers take numbers."""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{name} must be a single {kind.__name__}, got {_short(value)}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {_short(value)}")
+    if kind is str and ("\0" in value or len(value) > MAX_TEXT):
+        raise ConfigError(f"{name} must be text of at most {MAX_TEXT} characters without NUL bytes")
+    return coerce(value, kind, name)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+MAX_TEXT = 4000  # characters of any recipe string (descriptions and notes are copied into reports)
+MAX_NODES = 20_000  # values in a whole recipe (a YAML alias bomb expands past it)
+MAX_DEPTH = 32
+MAX_SEEDS = 100
+
+
+def check_size(data, path: str = "") -> None:
+    """Refuse a recipe that is too large, too deep or recursive (YAML aliases can make a
+    718-byte file expand to millions of values, or refer to itself) before anything walks it."""
+    stack, seen = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_NODES or depth > MAX_DEPTH:
+            raise ConfigError(f"recipe {path!r} is too large, too deeply nested or recursive "
+                              f"(at most {MAX_NODES} values, {MAX_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for pair in value.items() for v in pair)
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str) and len(value) > MAX_TEXT:
+            raise ConfigError(f"recipe {path!r} holds a string of {len(value)} characters "
+                              f"(at most {MAX_TEXT})")
+
+
+SCALE_KEYS = ("description", "tokenizer_fallback", "seeds", "base", "rows", "evaluate")
 FIXED_ROW_KEYS = ("name", "method", "init", "sample_of")  # what a scale may not change
 
 
@@ -196,6 +257,8 @@ def apply_scale(data: dict, scale: str, path: str = "") -> dict:
         i = names.index(row_name)
         rows[i] = merged(rows[i], row_over)
     out["rows"] = rows
+    if "seeds" in over:
+        out["seeds"] = over["seeds"]
     if over.get("description"):
         out["description"] = f"[{scale} scale] {over['description']} {data.get('description') or ''}".strip()
     return out
@@ -205,9 +268,13 @@ def parse_recipe(data: dict, path: str = "", *, scale: str | None = None) -> Rec
     """A Recipe from its mapping; with `scale`, that scale's overrides applied first."""
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path!r} must be a mapping")
+    check_size(data, path)
     if scale:
         data = apply_scale(data, scale, path)
-    known = {"name", "description", "base", "rows", "evaluate", "scales"}
+    for key in ("base", "evaluate"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{key} of recipe {path!r} must be a mapping, got {_short(data[key])}")
+    known = {"name", "description", "base", "rows", "evaluate", "scales", "seeds"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown recipe key {unknown[0]!r}; expected one of: {', '.join(sorted(known))}")
@@ -216,32 +283,40 @@ def parse_recipe(data: dict, path: str = "", *, scale: str | None = None) -> Rec
         raise ConfigError(f"recipe {path!r} needs a list of rows")
     rows = [_section(Row, r, f"rows[{i}]") for i, r in enumerate(raw_rows)]
     evaluate = data.get("evaluate") or {}
-    if not isinstance(evaluate, dict):
-        raise ConfigError("evaluate must be a mapping")
     unknown = sorted(set(evaluate) - {"likelihood", "generation", "conditional"})
     if unknown:
         raise ConfigError(f"unknown key evaluate.{unknown[0]}; expected likelihood, generation, conditional")
     scales = check_scales(data, path)
-    recipe = Recipe(name=str(data.get("name") or Path(path).stem or "compare"), base=data.get("base") or {},
-                    rows=rows, description=str(data.get("description") or ""), path=str(path),
+    recipe = Recipe(name=_scalar(data.get("name") or Path(path).stem or "compare", str, "name"),
+                    base=data.get("base") or {}, rows=rows, path=str(path),
+                    description=_scalar(data.get("description") or "", str, "description"),
+                    seeds=_scalar(data.get("seeds", 1), int, "seeds"),
                     likelihood=_section(Likelihood, evaluate.get("likelihood"), "evaluate.likelihood"),
                     generation=_section(Generation, evaluate.get("generation"), "evaluate.generation"),
                     conditional=_section(Conditional, evaluate.get("conditional"), "evaluate.conditional"),
                     scales=list(scales), scale=scale or "",
                     tokenizer_fallback=str(scales[scale].get("tokenizer_fallback") or "") if scale else "")
-    if not isinstance(recipe.base, dict):
-        raise ConfigError(f"base of recipe {path!r} must be a mapping of config sections")
     check_rows(recipe)
     return recipe
+
+
+ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+SEED_SUFFIX = re.compile(r"-seed\d+$")
 
 
 def check_rows(recipe: Recipe) -> None:
     from ddlm.methods.base import method_names
 
     names = [r.name for r in recipe.rows]
+    if not 1 <= recipe.seeds <= MAX_SEEDS:
+        raise ConfigError(f"seeds={recipe.seeds} must be between 1 and {MAX_SEEDS}")
     for row in recipe.rows:
-        if not row.name or "/" in row.name or row.name.startswith("."):
-            raise ConfigError(f"row name {row.name!r} must be a plain name")
+        if not ROW_NAME.fullmatch(row.name) or SEED_SUFFIX.search(row.name):
+            raise ConfigError(f"row name {row.name[:60]!r} must be a plain name (letters, digits, . _ + -; "
+                              f"at most 64) not ending in -seed<k> (the run of seed k)")
+        if not 0 <= row.seeds <= MAX_SEEDS or (row.seeds and row.sample_of):
+            raise ConfigError(f"row {row.name!r}: seeds={row.seeds} must be between 1 and {MAX_SEEDS}, "
+                              f"on a trained row (a sampled row has the seeds of the row it samples)")
         if names.count(row.name) > 1:
             raise ConfigError(f"row name {row.name!r} appears twice")
         if bool(row.method) == bool(row.sample_of):
@@ -252,6 +327,9 @@ def check_rows(recipe: Recipe) -> None:
         for other in (row.init, row.sample_of):
             if other and (other not in names or recipe.row(other).sample_of):
                 raise ConfigError(f"row {row.name!r} refers to {other!r}, which is not a trained row")
+            if other and recipe.seeds_of(recipe.row(other)) < recipe.seeds_of(row):
+                raise ConfigError(f"row {row.name!r} has {recipe.seeds_of(row)} seeds but starts from "
+                                  f"{other!r}, which has {recipe.seeds_of(recipe.row(other))}")
     for judge in [*recipe.generation.judges, recipe.conditional.judge]:
         if ":" not in judge and judge not in ("smollm2",) and judge not in names:
             raise ConfigError(f"judge {judge!r} is neither a row of the recipe nor a judge spec "

@@ -1,7 +1,8 @@
 """`ddlm compare RECIPE`: train every row on the same data, backbone and budget, evaluate them
 identically, write results and a report.
 
-    OUT/runs/<row>/            each trained row's run directory (resumed; finished runs reused)
+    OUT/runs/<row>/            each trained row's run directory (resumed; finished runs reused);
+    OUT/runs/<row>-seed<k>/    with `seeds: N`, the run of training seed k = 1..N-1
     OUT/stages/<stage>.json    each evaluation's result, keyed by a hash of everything it depends
                                on: an interrupted compare redoes only what is missing
     OUT/results.jsonl          one record per evaluation, with the full config, seed and versions
@@ -20,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,9 @@ COLLECTIVE = ("train", "likelihood")  # stages every process takes part in under
 # every row at every step count can take hours at paper scale); the training collectives keep
 # train.dist_timeout.
 MAIN_ALONE_TIMEOUT_S = 72 * 3600.0
+# Bumped when what an evaluation stage records changes, so `ddlm compare` redoes those stages
+# (2: every sample and its per-sample judge scores are kept; seeds).
+STAGE_VERSION = 2
 
 
 @dataclass
@@ -41,11 +46,17 @@ class Stage:
     kind: str  # train | likelihood | generation | conditional
     row: Row
     spec: dict = field(default_factory=dict)
+    seed: int = 0  # which of the row's training seeds (0..N-1)
 
     @property
     def label(self) -> str:
         detail = "".join(f" {k}={v}" for k, v in self.spec.items() if k in ("steps", "top_p"))
-        return f"{self.kind} {self.row.name}{detail}"
+        return f"{self.kind} {run_name(self.row.name, self.seed)}{detail}"
+
+
+def run_name(row: str, seed: int) -> str:
+    """The run directory's name of training seed `seed` of a row."""
+    return row if seed == 0 else f"{row}-seed{seed}"
 
 
 class Comparison:
@@ -76,43 +87,61 @@ class Comparison:
         recipe = self.recipe
         trained = [r for r in recipe.rows if r.method]
         trained.sort(key=lambda r: bool(r.init))  # a row started from another comes after it
-        stages = [Stage("train", r) for r in trained]
+        stages = [Stage("train", r, seed=k) for k in range(recipe.seeds) for r in trained
+                  if k < recipe.seeds_of(r)]
+        stages += [Stage("train", r, seed=k) for r in trained for k in range(recipe.seeds, recipe.seeds_of(r))]
         for row in recipe.rows:
-            stages.append(Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}))
-            gen = recipe.generation
-            steps_list = gen.steps if self.source(row).method != "ar" else gen.steps[:1]  # AR has no steps
-            for steps in steps_list:
-                for top_p in gen.top_p:
-                    stages.append(Stage("generation", row, {**dataclasses.asdict(gen), "steps": int(steps),
-                                                            "top_p": float(top_p)}))
-            if recipe.conditional.prompts:
-                stages.append(Stage("conditional", row, dataclasses.asdict(recipe.conditional)))
+            for k in range(recipe.seeds_of(row)):
+                stages += self.evaluations(row, k)
         return stages
 
-    def run_config(self, row: Row, *, inherit: bool = True):
-        """The run config a trained row trains with: the shared base, its method and options
-        (and, with `inherit`, the method options of the run it starts from)."""
+    def evaluations(self, row: Row, k: int) -> list[Stage]:
+        recipe, gen = self.recipe, self.recipe.generation
+        stages = [Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k)]
+        steps_list = gen.steps if self.source(row).method != "ar" else gen.steps[:1]  # AR has no steps
+        for steps in steps_list:
+            for top_p in gen.top_p:
+                stages.append(Stage("generation", row, {**dataclasses.asdict(gen), "steps": int(steps),
+                                                        "top_p": float(top_p)}, k))
+        if recipe.conditional.prompts:
+            stages.append(Stage("conditional", row, dataclasses.asdict(recipe.conditional), k))
+        return stages
+
+    def run_dir(self, row: str, seed: int = 0) -> Path:
+        return self.runs / run_name(row, seed)
+
+    def run_config(self, row: Row, seed: int = 0, *, inherit: bool = True):
+        """The run config of training seed `seed` of a trained row: the shared base, its method
+        and options, train.seed shifted by `seed` (and, with `inherit`, the method options of the
+        run it starts from: seed `seed` of that row)."""
         base = json.loads(json.dumps(self.recipe.base))
         base["method"] = row.method
-        base[row.method] = {**base.get(row.method, {}), **self.resolve(row.options)}
+        base[row.method] = {**base.get(row.method, {}), **self.resolve(row.options, seed)}
         base["train"] = {**base.get("train", {}), **row.train}
+        base["model"] = {**base.get("model", {}), **row.model}
+        if seed:
+            from ddlm.config import TrainConfig, coerce
+
+            first = coerce(base["train"].get("seed", TrainConfig.seed), int, "train.seed")
+            base["train"]["seed"] = first + seed
         if row.init and inherit:
             from ddlm.build import init_base
 
-            inherited = init_base(self.runs / row.init, row.method)
+            inherited = init_base(self.run_dir(row.init, seed), row.method)
             base[row.method] = {**inherited.get(row.method, {}), **base[row.method]}
-            base["train"]["init"] = str(self.runs / row.init)
+            base["train"]["init"] = str(self.run_dir(row.init, seed))
         base["train"].setdefault("progress", not self.quiet)
         return make_config(base=base)
 
-    def resolve(self, options: dict) -> dict:
-        """'@name' -> that row's run directory, in option values."""
+    def resolve(self, options: dict, seed: int = 0) -> dict:
+        """'@name' -> the run directory of seed `seed` of that row, in option values."""
         out = {}
         for key, value in options.items():
             if isinstance(value, str) and "@" in value:
                 head, _, name = value.rpartition("@")
-                self.recipe.row(name)
-                value = f"{head}{self.runs / name}"
+                if seed >= self.recipe.seeds_of(self.recipe.row(name)):
+                    raise ConfigError(f"option {key}={value!r} refers to row {name!r}, which has no seed {seed}")
+                value = f"{head}{self.run_dir(name, seed)}"
             out[key] = value
         return out
 
@@ -122,21 +151,42 @@ class Comparison:
     def fingerprint(self, stage: Stage) -> str:
         """A hash of what the stage's result depends on: the run's config, the options, the spec."""
         src = self.source(stage.row)
-        payload = {"kind": stage.kind, "run": self.run_config(src).to_dict(), "spec": stage.spec,
-                   "sample_options": self.resolve(stage.row.sample_options)}
+        payload = {"kind": stage.kind, "run": self.run_config(src, stage.seed).to_dict(), "spec": stage.spec,
+                   "sample_options": self.resolve(stage.row.sample_options, stage.seed)}
         if stage.kind in ("generation", "conditional"):
-            payload["judges"] = {j: self.judge_identity(j) for j in self.judge_names(stage)}
+            payload["judges"] = {j: self.judge_identity(j, stage.seed) for j in self.judge_names(stage)}
+            payload["version"] = STAGE_VERSION
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def judge_names(self, stage: Stage) -> list[str]:
         return stage.spec["judges"] if stage.kind == "generation" else [stage.spec["judge"]]
 
-    def judge_identity(self, name: str):
+    def judge_seed(self, name: str, seed: int) -> int:
+        """The seed of judge row `name` that scores the samples of training seed `seed`: with N > 1
+        seeds of the judge, seed (seed + 1) mod N, so that no run is judged by itself and no
+        EDLM row by the energy it was sampled with (same seed); with one seed, seed 0 (the
+        report marks the cells judged by their own model)."""
+        n = self.recipe.seeds_of(self.recipe.row(name))
+        return (seed + 1) % n if n > 1 else 0
+
+    def judge_identity(self, name: str, seed: int = 0):
         from ddlm.eval.judges import PROTOCOL
 
         if name in [r.name for r in self.recipe.rows]:
-            return {"run": self.run_config(self.recipe.row(name)).to_dict(), "protocol": PROTOCOL}
+            k = self.judge_seed(name, seed)
+            return {"run": self.run_config(self.recipe.row(name), k).to_dict(), "protocol": PROTOCOL}
         return {"spec": name, "protocol": PROTOCOL}
+
+    def self_judged(self, row: Row, judge: str, seed: int = 0) -> bool:
+        """Whether `judge` is a model the row's samples came from: the row's own run, or a run
+        its sample options name (EDLM's AR energy), at the judge seed used."""
+        if judge not in [r.name for r in self.recipe.rows]:
+            return False
+        used = self.run_dir(judge, self.judge_seed(judge, seed))
+        mine = {self.run_dir(self.source(row).name, seed)}
+        mine |= {Path(str(v).rpartition(":")[2]) for v in self.resolve(row.sample_options, seed).values()
+                 if isinstance(v, str)}
+        return used in mine
 
     def check(self) -> None:
         """Every trained row's run config, validated before anything is trained: a bad option in
@@ -147,6 +197,8 @@ class Comparison:
                     self.run_config(row, inherit=False)
                 except DdlmError as err:
                     raise ConfigError(f"row {row.name!r}: {err}") from None
+            for k in range(self.recipe.seeds_of(row)):
+                self.resolve(row.sample_options, k)
 
     # ---- running ----------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -154,15 +206,17 @@ class Comparison:
         self.check()
         stages = self.plan()
         if self.is_main:
+            self.provenance = provenance(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
-        results: dict[str, dict] = {r.name: {"generation": []} for r in self.recipe.rows}
+        results: dict[str, list] = {r.name: [{"seed": k, "generation": []}
+                                             for k in range(self.recipe.seeds_of(r))] for r in self.recipe.rows}
         bar = progress_bar(total=len(stages), desc="compare", disable=self.quiet or not self.is_main,
                            dynamic_ncols=True)
 
         def do(stage: Stage, collective: bool) -> None:
             bar.set_description(f"compare: {stage.label}")
             result = self.run_stage(stage, collective=collective)
-            slot = results[stage.row.name]
+            slot = results[stage.row.name][stage.seed]
             if stage.kind == "generation" and "skipped" in result:
                 slot.setdefault("skipped", []).append(result)
             elif stage.kind == "generation":
@@ -180,6 +234,8 @@ class Comparison:
                     if stage.kind in COLLECTIVE:
                         do(stage, collective=True)
                 self.main_alone(lambda: [do(s, collective=False) for s in stages if s.kind not in COLLECTIVE])
+            if self.is_main:
+                self.references = {judge: self.held_out_reference(judge) for judge in self.recipe.generation.judges}
         finally:
             bar.close()
         return self.assemble(results) if self.is_main else None
@@ -214,68 +270,79 @@ class Comparison:
 
     def run_stage(self, stage: Stage, *, collective: bool = False) -> dict:
         if stage.kind == "train":
-            return self.train(stage.row)
-        path = self.stage_dir / f"{stage.kind}-{stage.row.name}-{self.fingerprint(stage)}.json"
+            return self.train(stage.row, stage.seed)
+        name = run_name(stage.row.name, stage.seed)
+        path = self.stage_dir / f"{stage.kind}-{name}-{self.fingerprint(stage)}.json"
         done = self.shared(lambda: read_stage(path), collective)
         if done is not None:
             return done
         result = getattr(self, stage.kind)(stage)
         if self.is_main:
-            record = {"kind": stage.kind, "row": stage.row.name, "recipe": self.recipe.name,
-                      "spec": stage.spec, "sample_options": self.resolve(stage.row.sample_options),
-                      "config": self.run_config(self.source(stage.row)).to_dict(),
+            record = {"kind": stage.kind, "row": stage.row.name, "seed": stage.seed, "recipe": self.recipe.name,
+                      "spec": stage.spec, "sample_options": self.resolve(stage.row.sample_options, stage.seed),
+                      "config": self.run_config(self.source(stage.row), stage.seed).to_dict(),
                       "environment": environment(), "result": result}
             write_json(path, record)
             append_jsonl(self.out / "results.jsonl", record)
         return result
 
-    def train(self, row: Row) -> dict:
+    def train(self, row: Row, seed: int = 0) -> dict:
         from ddlm.train.loop import train
 
-        run = self.run_config(row)
+        run, run_dir = self.run_config(row, seed), self.run_dir(row.name, seed)
         if self.dist is None:
-            result = train(run, self.runs / row.name, quiet=self.quiet)
+            result = train(run, run_dir, quiet=self.quiet)
         else:
-            result = train(run, self.runs / row.name, quiet=self.quiet, dist=self.dist)
+            result = train(run, run_dir, quiet=self.quiet, dist=self.dist)
         if result.interrupted:
             raise KeyboardInterrupt
-        summary = training_summary(self.runs / row.name) if self.is_main else {}
+        summary = training_summary(run_dir) if self.is_main else {}
+        if self.is_main:
+            from ddlm.build import load_for_inference
+            from ddlm.eval.speed import measured_train_flops_per_token
+
+            summary["flops_per_token"] = measured_train_flops_per_token(load_for_inference(run_dir, torch_cpu()))
         return {"steps": result.step, **summary, "dtype": result.dtype}
 
-    def loaded(self, row: Row):
-        if row.name not in self._loaded:
+    def loaded(self, row: Row, seed: int = 0):
+        key = run_name(row.name, seed)
+        if key not in self._loaded:
             from ddlm.build import load_for_inference
 
             src = self.source(row)
-            options = {k: str(v) for k, v in self.resolve(row.sample_options).items()}
+            options = {k: str(v) for k, v in self.resolve(row.sample_options, seed).items()}
             device = self.dist.device if self.dist is not None else None
-            self._loaded = {row.name: load_for_inference(self.runs / src.name, device,
-                                                         method_options=options or None)}
-        return self._loaded[row.name]
+            self._loaded = {key: load_for_inference(self.run_dir(src.name, seed), device,
+                                                    method_options=options or None)}
+        return self._loaded[key]
 
-    def judge(self, name: str):
-        if name not in self._judges:
+    def judge(self, name: str, seed: int = 0):
+        """The judge `name` for the samples of training seed `seed` (a row: its judge seed)."""
+        rows = [r.name for r in self.recipe.rows]
+        key = run_name(name, self.judge_seed(name, seed)) if name in rows else name
+        if key not in self._judges:
             from ddlm.eval.judges import ArJudge, load_judge
 
-            if name in [r.name for r in self.recipe.rows]:
+            if name in rows:
                 from ddlm.build import load_for_inference
 
-                self._judges[name] = ArJudge(load_for_inference(self.runs / name), name)
+                self._judges[key] = ArJudge(load_for_inference(self.runs / key), name)
             else:
-                self._judges[name] = load_judge(name)
-        return self._judges[name]
+                self._judges[key] = load_judge(name)
+        return self._judges[key]
 
     def likelihood(self, stage: Stage) -> dict:
         from ddlm.eval.run import evaluate_checkpoint
 
         row, spec = stage.row, stage.spec
-        loaded = self.loaded(row)
+        loaded = self.loaded(row, stage.seed)
         if not loaded.method.has_likelihood:
             return {"skipped": f"method {loaded.run.method!r} defines no likelihood"}
         args = [f"--eval.{k}={v}" for k, v in spec.items() if k != "split"]
-        args += [f"--{k}={v}" for k, v in self.resolve(row.sample_options).items()]
+        args += [f"--{k}={v}" for k, v in self.resolve(row.sample_options, stage.seed).items()]
         if self.dist is None:
-            return evaluate_checkpoint(self.runs / self.source(row).name, split=spec["split"], overrides=args)
+            return evaluate_checkpoint(self.run_dir(self.source(row).name, stage.seed), split=spec["split"],
+                                       overrides=args)
         return self.sharded_likelihood(loaded, spec["split"], args)
 
     def sharded_likelihood(self, loaded, split: str, args: list[str]) -> dict:
@@ -314,30 +381,59 @@ class Comparison:
     def generation(self, stage: Stage) -> dict:
         from ddlm.eval.quality import Setting, unconditional
 
-        spec, loaded = stage.spec, self.loaded(stage.row)
-        judges = {name: self.judge(name) for name in spec["judges"]}
+        spec, loaded = stage.spec, self.loaded(stage.row, stage.seed)
+        judges = {name: self.judge(name, stage.seed) for name in spec["judges"]}
         length = spec["length"] or loaded.run.model.max_len
         setting = Setting(spec["steps"], spec["top_p"])
         try:
-            return unconditional(loaded, setting, judges, num=spec["num"], length=length, seed=spec["seed"],
-                                 batch_size=spec["batch_size"])
+            result = unconditional(loaded, setting, judges, num=spec["num"], length=length,
+                                   seed=spec["seed"] + stage.seed, batch_size=spec["batch_size"])
+            result["self_judged"] = [j for j in judges if self.self_judged(stage.row, j, stage.seed)]
+            return result
         except ConfigError as err:
             if spec["top_p"] >= 1:
                 raise
             return {"steps": spec["steps"], "top_p": spec["top_p"], "skipped": str(err)}  # e.g. SEDD
 
+    def held_out_reference(self, judge: str) -> dict:
+        """The judge's scores of held-out test text of the generation length (as many texts as
+        the samples of one setting over every seed): the reference line of the quality plots."""
+        from ddlm.build import prepare_data
+        from ddlm.eval.quality import held_out_text
+
+        gen = self.recipe.generation
+        first = next(r for r in self.recipe.rows if r.method)
+        loaded = self.loaded(first)
+        length = gen.length or loaded.run.model.max_len
+        num = gen.num * max(self.recipe.seeds_of(r) for r in self.recipe.rows)
+        payload = {"judge": self.judge_identity(judge), "data": loaded.run.data.__dict__, "num": num,
+                   "length": length, "version": STAGE_VERSION}
+        key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        path = self.stage_dir / f"reference-{judge.replace(':', '_').replace('/', '_')}-{key}.json"
+        done = read_stage(path)
+        if done is not None:
+            return done
+        _, datasets = prepare_data(loaded.run, loaded.tokenizer)
+        result = held_out_text(loaded.tokenizer, datasets["test"], self.judge(judge), num=num, length=length)
+        write_json(path, {"kind": "reference", "judge": judge, "result": result})
+        return result
+
     def conditional(self, stage: Stage) -> dict:
         from ddlm.build import prepare_data
         from ddlm.eval.quality import Setting, conditional, held_out_prompts
 
-        spec, loaded = stage.spec, self.loaded(stage.row)
+        spec, loaded = stage.spec, self.loaded(stage.row, stage.seed)
         _, datasets = prepare_data(loaded.run, loaded.tokenizer)
         prompts, truths = held_out_prompts(datasets["test"], spec["prompts"], spec["prompt_tokens"],
                                            spec["length"])
-        reference = self._references.setdefault(spec["judge"], {})
-        return conditional(loaded, prompts, truths, self.judge(spec["judge"]),
-                           setting=Setting(spec["steps"], spec["top_p"]), seed=spec["seed"],
-                           batch_size=spec["batch_size"], reference=reference)
+        judge = self.judge(spec["judge"], stage.seed)
+        reference = self._references.setdefault(run_name(spec["judge"], self.judge_seed(spec["judge"], stage.seed))
+                                                if spec["judge"] in [r.name for r in self.recipe.rows]
+                                                else spec["judge"], {})
+        result = conditional(loaded, prompts, truths, judge, setting=Setting(spec["steps"], spec["top_p"]),
+                             seed=spec["seed"] + stage.seed, batch_size=spec["batch_size"], reference=reference)
+        result["self_judged"] = self.self_judged(stage.row, spec["judge"], stage.seed)
+        return result
 
     # ---- output -----------------------------------------------------------------------------
     def assemble(self, results: dict) -> dict:
@@ -346,15 +442,17 @@ class Comparison:
             src = self.source(row)
             config = self.run_config(src)
             method = row.method or f"{config.method} + {', '.join(f'{k}={v}' for k, v in row.sample_options.items())}"
+            runs = [{**run, "train": results[src.name][run["seed"]].get("train")} for run in results[row.name]]
             rows.append({"name": row.name, "method": method, "note": row.note, "trained_as": src.name,
-                         "config": config.to_dict(), "train": results.get(src.name, {}).get("train"),
-                         **results[row.name]})
+                         "config": config.to_dict(), "seeds": runs})
         payload = {"recipe": self.recipe.name, "description": self.recipe.description,
                    "recipe_path": self.recipe.path, "base": self.recipe.base,
                    "evaluate": {"likelihood": dataclasses.asdict(self.recipe.likelihood),
                                 "generation": dataclasses.asdict(self.recipe.generation),
                                 "conditional": dataclasses.asdict(self.recipe.conditional)},
-                   "environment": environment(), "rows": rows}
+                   "environment": environment(), "rows": rows, "seeds": self.recipe.seeds,
+                   "provenance": getattr(self, "provenance", None) or provenance(self.out),
+                   "reference": getattr(self, "references", {})}
         if self.recipe.scale:
             payload["scale"] = {"name": self.recipe.scale, **self.notes}
         if self.dist is not None and self.dist.world_size > 1:
@@ -399,6 +497,35 @@ def write_json(path: Path, payload: dict, *, wrap: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=1 if not wrap else None, sort_keys=True, default=str))
     os.replace(tmp, path)
+
+
+def torch_cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def provenance(out: Path) -> dict:
+    """The git commit of the ddlm source that ran, and whether its tree was clean (tracked files
+    unchanged, the comparison's own output directory left out); None where it is not a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return {"commit": None, "clean": None, "source": str(root)}
+    exclude = []
+    try:
+        exclude = [f":(exclude){Path(out).resolve().relative_to(root)}"]
+    except ValueError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=30, check=True).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                  "--", ".", *exclude], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "clean": None, "source": str(root)}
+    changed = [line[3:] for line in changed if line.strip()]
+    return {"commit": commit, "clean": not changed, "changed": changed[:20], "source": str(root)}
 
 
 def launched_by_torchrun() -> bool:

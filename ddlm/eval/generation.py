@@ -85,6 +85,7 @@ class JudgeScore:
     bytes: int  # UTF-8 bytes of the texts
     gen_ppl: float  # exp(nll / tokens)
     bits_per_byte: float  # nll / ln 2 / bytes
+    per_text: dict | None = None  # {"nll", "tokens", "bytes"}: one entry per text (for error bars)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -119,27 +120,29 @@ def judge_nll(judge, texts: list[str], *, ended: list[bool] | None = None,
     byte). With `prompts`, text i is scored as the continuation of prompt i (the prompt's tokens
     are context, not counted)."""
     ended = ended or [False] * len(texts)
-    total, count, size = 0.0, 0, 0
-    short = []  # (inputs, targets, n_context) of texts within the judge's context: batched
+    nlls, counts, sizes = [0.0] * len(texts), [0] * len(texts), [0] * len(texts)
+    short = []  # (index, inputs, targets, n_context) of texts within the judge's context: batched
     for i, text in enumerate(texts):
         context_ids = judge.encode(prompts[i]) if prompts else []
         ids = judge.encode(text) + ([judge.end_id] if ended[i] and judge.end_id is not None else [])
-        size += len(text.encode("utf-8"))
+        sizes[i] = len(text.encode("utf-8"))
         if not ids:
             continue
-        count += len(ids)
+        counts[i] = len(ids)
         full = context_ids + ids
         if len(full) <= judge.context:
-            short.append(([judge.start_id] + full[:-1], full, len(context_ids)))
+            short.append((i, [judge.start_id] + full[:-1], full, len(context_ids)))
             continue
         nll = token_nll(judge.logits, full, start_id=judge.start_id, context=judge.context, stride=stride)
-        total += float(nll[len(context_ids):].sum())
-    for (inputs, targets, skip), logits in zip(short, judge.logits_many([row[0] for row in short])):
+        nlls[i] = float(nll[len(context_ids):].sum())
+    for (i, inputs, targets, skip), logits in zip(short, judge.logits_many([row[1] for row in short])):
         nll = F.cross_entropy(logits.double().cpu(), torch.tensor(targets), reduction="none")
-        total += float(nll[skip:].sum())
+        nlls[i] = float(nll[skip:].sum())
+    total, count, size = math.fsum(nlls), sum(counts), sum(sizes)
     return JudgeScore(nll=total, tokens=count, bytes=size,
                       gen_ppl=math.exp(total / count) if count else float("nan"),
-                      bits_per_byte=total / math.log(2) / size if size else float("nan"))
+                      bits_per_byte=total / math.log(2) / size if size else float("nan"),
+                      per_text={"nll": nlls, "tokens": counts, "bytes": sizes})
 
 
 def cut_at_eos(rows: list[list[int]], eos_id: int, start: int = 0) -> tuple[list[list[int]], list[bool]]:

@@ -21,7 +21,7 @@ import torch
 
 from ddlm.config import SampleConfig
 from ddlm.errors import ConfigError
-from ddlm.eval.generation import cut_at_eos, judge_nll, sample_statistics
+from ddlm.eval.generation import cut_at_eos, judge_nll, repetition_rate, sample_statistics, unigram_entropy
 from ddlm.sampling.base import model_device
 
 
@@ -75,8 +75,10 @@ def sample_config(loaded, setting: Setting, *, seed: int, batch_size: int, **fie
 
 
 def unconditional(loaded, setting: Setting, judges: dict, *, num: int, length: int, seed: int = 0,
-                  batch_size: int = 16, keep_samples: int = 3) -> dict:
-    """One row of the unconditional table (see the module docstring)."""
+                  batch_size: int = 16) -> dict:
+    """One row of the unconditional table (see the module docstring). Every sample is kept, with
+    its own statistics (`per_sample`) and judge scores (`judges[name]["per_text"]`), so every
+    figure can be recomputed and bootstrapped."""
     if length < 1 or length > loaded.run.model.max_len:
         raise ConfigError(f"generation length {length} must be within the context of "
                           f"{loaded.run.model.max_len} tokens")
@@ -86,10 +88,38 @@ def unconditional(loaded, setting: Setting, judges: dict, *, num: int, length: i
     row = {"steps": setting.steps, "top_p": setting.top_p, "num": num, "length": length,
            "nfe": out.nfe, "seconds_per_sample": out.seconds / num,
            "tokens_per_second": num * length / out.seconds if out.seconds else float("nan"),
-           "ended_early": sum(out.ended), "mean_tokens": sum(map(len, out.rows)) / num, **stats, "samples": out.texts[:keep_samples]}
+           "ended_early": sum(out.ended), "mean_tokens": sum(map(len, out.rows)) / num, **stats,
+           "samples": out.texts, "per_sample": per_sample_statistics(out.rows)}
     row["judges"] = {name: judge_nll(judge, out.texts, ended=out.ended).as_dict()
                      for name, judge in judges.items()}
     return row
+
+
+def mauve_bootstrap(p_features, q_features, replicates: int, *, seed: int = 0) -> list[float]:
+    """MAUVE of `replicates` resamples (with replacement) of the generated side's features."""
+    import numpy as np
+
+    from ddlm.eval.mauve import mauve_score
+
+    rng = np.random.default_rng(seed)
+    return [mauve_score(p_features[rng.integers(0, len(p_features), len(p_features))], q_features, seed=seed)
+            for _ in range(replicates)]
+
+
+def per_sample_statistics(rows: list[list[int]]) -> dict:
+    """Each sample's unigram entropy (nats), 4-gram repetition rate and length in tokens."""
+    return {"unigram_entropy": [unigram_entropy(r) for r in rows],
+            "repetition": [repetition_rate(r) for r in rows], "tokens": [len(r) for r in rows]}
+
+
+def held_out_text(tokenizer, dataset, judge, *, num: int, length: int) -> dict:
+    """The judge's scores (and the sample statistics) of `num` held-out texts of `length` tokens:
+    what the generated samples are measured against."""
+    _, truths = held_out_prompts(dataset, min(num, len(dataset)), 0, length)
+    rows, ended = cut_at_eos(truths.tolist(), tokenizer.eos_id)
+    texts = [tokenizer.decode(r) for r in rows]
+    return {"num": len(texts), "length": length, "judge": judge.name,
+            "score": judge_nll(judge, texts, ended=ended).as_dict(), "per_sample": per_sample_statistics(rows)}
 
 
 def held_out_prompts(dataset, n: int, prompt_tokens: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +136,12 @@ def held_out_prompts(dataset, n: int, prompt_tokens: int, length: int) -> tuple[
 
 
 def conditional(loaded, prompts: torch.Tensor, truths: torch.Tensor, judge, *, setting: Setting,
-                seed: int = 0, batch_size: int = 16, reference: dict | None = None) -> dict:
+                seed: int = 0, batch_size: int = 16, reference: dict | None = None,
+                mauve_replicates: int = 20) -> dict:
     """Continue each prompt by len(truth) tokens; MAUVE (judge features) against the true
     continuations and the judge's perplexity of the continuations given their prompts.
-    `reference` caches the true side ({'features', 'score'}) across methods."""
+    `reference` caches the true side ({'features', 'score'}) across methods. MAUVE is also
+    computed on `mauve_replicates` bootstrap resamples of the continuations (its error bar)."""
     from ddlm.eval.mauve import featurize, mauve_score
 
     tok = loaded.tokenizer
@@ -123,11 +155,14 @@ def conditional(loaded, prompts: torch.Tensor, truths: torch.Tensor, judge, *, s
         reference["features"] = featurize(judge, true_texts)
         reference["score"] = judge_nll(judge, true_texts, ended=true_ended, prompts=prompt_texts).as_dict()
     score = judge_nll(judge, out.texts, ended=out.ended, prompts=prompt_texts).as_dict()
+    features = featurize(judge, out.texts)
     return {"steps": setting.steps, "top_p": setting.top_p, "prompts": len(prompts),
             "prompt_tokens": prompts.shape[1], "length": truths.shape[1], "nfe": out.nfe,
             "seconds_per_sample": out.seconds / len(prompts), "judge": judge.name,
-            "mauve": mauve_score(featurize(judge, out.texts), reference["features"], seed=seed),
+            "mauve": mauve_score(features, reference["features"], seed=seed),
+            "mauve_bootstrap": mauve_bootstrap(features, reference["features"], mauve_replicates, seed=seed),
             "gen_ppl": score["gen_ppl"], "bits_per_byte": score["bits_per_byte"],
+            "per_text": score["per_text"],
             "reference_gen_ppl": reference["score"]["gen_ppl"],
             "reference_bits_per_byte": reference["score"]["bits_per_byte"],
-            "samples": [p + "|" + t for p, t in zip(prompt_texts[:2], out.texts[:2])]}
+            "prompt_texts": prompt_texts, "samples": out.texts}

@@ -21,9 +21,14 @@ class ARConfig(MethodConfig):
 @register
 class AR(Method):
     name = "ar"
+    likelihood_source = "AR below every diffusion bound: MDLM Table 1, BD3-LM Table 3, SEDD Table 1"
     config_class = ARConfig
     attention = "causal"
     samplers = ("ancestral",)
+
+    @classmethod
+    def likelihood_rank(cls, options: dict) -> float | None:
+        return 0.0
 
     def shifted_input(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, L) -> (B, L): BOS followed by all tokens but the last."""

@@ -74,6 +74,10 @@ class Method:
     samplers: ClassVar[tuple[str, ...]] = ()  # sampler names; the first is the default
     validation: ClassVar[str] = "likelihood"  # what training validates: likelihood | loss
     wraps: ClassVar[tuple[str, ...]] = ()  # methods whose checkpoints this one can be built around
+    # Where the papers place this method's likelihood among the others (`likelihood_rank`, lower:
+    # better; None: no claim), and the tables that place it below the methods ranked after it:
+    # `ddlm compare` tests each neighbouring pair.
+    likelihood_source: ClassVar[str] = ""
     sample_options: ClassVar[tuple[str, ...]] = ()  # method options that may change at sample/eval time
     needs_init: ClassVar[str] = ""  # non-empty: training must start from a run (--init); says which
 
@@ -138,6 +142,16 @@ class Method:
         """What `ddlm info` shows of the adapted state, from the run's logged records (inference
         never reads the trainer state that holds it)."""
         return {}
+
+    @classmethod
+    def variant(cls, options: dict) -> str:
+        """The name the report's claims use for this method with `options` (its config section)."""
+        return cls.name
+
+    @classmethod
+    def likelihood_rank(cls, options: dict) -> float | None:
+        """This method's place in the papers' likelihood ordering (lower: better), or None."""
+        return None
 
     def sampler_name(self, cfg: Any) -> str:
         """cfg.sampler, or the default; an unknown name is a one-line ConfigError."""

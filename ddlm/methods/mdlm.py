@@ -141,6 +141,11 @@ class MDLM(DiffusionMethod):
     name = "mdlm"
     config_class = MDLMConfig
     bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps) + prior KL"
+    likelihood_source = "MDLM Table 1, BD3-LM Table 3: MDLM below SEDD"
+
+    @classmethod
+    def likelihood_rank(cls, options: dict) -> float | None:
+        return 2.0
     samplers = ("ancestral", "first_hitting")
 
     def __init__(self, cfg, **kw) -> None:
@@ -273,27 +278,30 @@ class MDLM(DiffusionMethod):
         log."""
         training_window = self.window
         self.window = (0.0, 1.0)
-        times, losses = [], []
-        for x0 in batches:
-            for _ in range(self.cfg.search_draws):
-                t, loss = self.group_losses(model, x0, generator)
-                times.append(t)
-                losses.append(loss)
-        times, losses = torch.cat(times), torch.cat(losses)
+        draws = [self.group_losses(model, x0, generator) for x0 in batches for _ in range(self.cfg.search_draws)]
+        pooled = [torch.cat(column) for column in zip(*draws)]  # times, losses (and what a subclass adds)
         variances = {}
         for window in self.window_candidates():
             if window[0] >= FULL_MASK:
                 self.window = window
                 loss = torch.cat([self.group_losses(model, x0, generator)[1] for x0 in batches])
+                variance = float(loss.var()) if len(loss) > 1 else None
             else:
-                loss = losses[(times >= window[0]) & (times <= window[1])]
-            if len(loss) > 1:
-                variances[f"{window[0]:.2f}-{window[1]:.2f}"] = float(loss.var())
+                variance = self.window_variance(window, *pooled)
+            if variance is not None:
+                variances[f"{window[0]:.2f}-{window[1]:.2f}"] = variance
         self.window = training_window
         if variances:
             best = min(variances, key=variances.get)
             self.window = tuple(float(v) for v in best.split("-"))
         return {self.window_key: list(self.window), f"{self.window_key}_variance": variances}
+
+    def window_variance(self, window: tuple[float, float], times: torch.Tensor,
+                        losses: torch.Tensor) -> float | None:
+        """A candidate window's loss variance from the pooled draws: those whose time fell inside
+        it (None when fewer than two did)."""
+        loss = losses[(times >= window[0]) & (times <= window[1])]
+        return float(loss.var()) if len(loss) > 1 else None
 
     def group_losses(self, model, x0: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B*K,) times and (B*K,) float64 losses of the K time groups of each sequence under the

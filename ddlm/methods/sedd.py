@@ -67,6 +67,15 @@ class SEDD(DiffusionMethod):
     config_class = SEDDConfig
     bound_name = "DSE integral + prior KL (SEDD Thm 3.6)"
     samplers = PREDICTORS
+    likelihood_source = "SEDD Table 1: the absorbing graph below the uniform one"
+
+    @classmethod
+    def variant(cls, options: dict) -> str:
+        return f"sedd-{options.get('graph', 'absorbing')}"
+
+    @classmethod
+    def likelihood_rank(cls, options: dict) -> float | None:
+        return 3.0 if options.get("graph", "absorbing") == "absorbing" else 4.0
 
     def __init__(self, cfg: SEDDConfig, *, vocab_size: int, mask_id: int, bos_id: int,
                  pad_id: int, context: int = 0) -> None:
