@@ -6,11 +6,10 @@ the whole sequence by an energy E(x_0, x_t, t) (lower = more likely), a residual
     p_phi(x_0 | x_t)  =  p_theta(x_0 | x_t) exp(-E(x_0, x_t, t)) / Z(x_t).
 
 Energies (`--edlm.energy`):
-  ar:DIR    a trained ddlm AR model: E = -log p_AR(x_0) + log q(x_0 | x_t), q the proposal (the
-            denoiser, or what temperature / top-p make of it), so p_phi is the AR model restricted
-            to the completions of x_t. With `carry_over` only the masked positions are scored by
-            the AR model (coAR): sum_{l masked} log p_AR(x_l | x_<l), which is itself normalised
-            over the completions of x_t.
+  ar:DIR    a trained ddlm AR model: E = -log p_AR(x_0) + log p_theta(x_0 | x_t), so p_phi is the
+            AR model restricted to the completions of x_t. With `carry_over` only the masked
+            positions are scored by the AR model (coAR): sum_{l masked} log p_AR(x_l | x_<l), which
+            is itself normalised over the completions of x_t.
   nce       a bidirectional transformer initialised from the MDLM weights, reading x_0 with the
             masked positions of x_t marked, summing a per-position score over them (zero when
             nothing is masked); trained by noise-contrastive estimation against `negatives`
@@ -21,10 +20,19 @@ Energies (`--edlm.energy`):
             -log sigma(-E+) - log sigma(E-)).
 
 Sampling (`ddlm/sampling/importance.py`, docs/methods.md §6.2.2): inside the window
-t in [1 - window, 1], k proposals from the denoiser, self-normalised weights exp(-E) in float64, one
-resampled x_0* per row, then MDLM's posterior step with x_0*; plain MDLM outside the window.
+t in [1 - window, 1], k proposals from the denoiser, self-normalised weights exp(-E) in float64
+per row, one resampled x_0* per row, then MDLM's posterior step with x_0*; plain MDLM outside the
+window.
 
-Likelihood (docs/methods.md §6.2.3-6.2.6): what the sampler draws from is the sampling-importance-
+Temperature tau, top-k and top-p act on the step's target, the residual EBM: the importance step
+targets p_phi(x_0 | x_t)^(1/tau) restricted to S, the product over masked positions of the tokens
+that top-k / top-p keep of the tempered denoiser (the sets MDLM's own nucleus sampling keeps).
+Proposals come from that filtered denoiser q, which is proportional to p_theta^(1/tau) on S, so the
+weights are exp(-E / tau) (`proposal_log_weights`); outside the window the step is MDLM's with the
+filtered denoiser (E = 0). With an AR energy the target is p_AR^(1/tau) on S: a sequence-level
+temperature, not the AR sampler's per-token one.
+
+Likelihood (docs/methods.md §6.2.3-6.2.5): what the sampler draws from is the sampling-importance-
 resampling law with k proposals, p_k(x_0 | x_t) = q(x_0) E[k w(x_0) / (w(x_0) + sum_{j=2..k} w(x^j))],
 w = exp(-E), x^j ~ q. The continuous-time NELBO of a joint denoiser needs only its one-position
 marginals, so the bound reported is MDLM's with -log x_theta[x_l] replaced by -log p_k(x_l | x_t):
@@ -35,9 +43,12 @@ marginals, so the bound reported is MDLM's with -log x_theta[x_l] replaced by -l
 It is a true upper bound on -log p_k(x) for every energy (k = 1 gives MDLM's bound exactly).
 rho_k is estimated by `bound_draws` Monte-Carlo draws and one masked position per sequence and
 t-sample (scaled by the count of masked positions): -log of an unbiased estimate is biased up
-(Jensen), so the reported figure over-states the bound in expectation (conservative). The paper's
-form (`bound=joint`: the MDLM weight times -log p_phi(x_masked | x_t) with log Z from k proposals)
-is reported only on request and labelled: it is not a bound, and its log Z estimate is biased low.
+(Jensen), so the reported figure over-states the bound in expectation (conservative).
+
+The paper's likelihood (EDLM §4.3, Thm. 1: the MDLM weight times -log p_phi(x_masked | x_t), log Z
+estimated from k proposals with a leave-one-out correction) is not offered: even with the exact
+log Z that joint plug-in is not a bound (its mean falls below the entropy, docs/methods.md §6.2.4).
+`edlm.bound=joint` is refused in one line.
 """
 from __future__ import annotations
 
@@ -54,7 +65,7 @@ from ddlm.methods.mdlm import MDLM, MDLMConfig
 from ddlm.nn.transformer import Transformer
 from ddlm.sampling.base import Generators, gumbel_argmax
 
-BOUNDS = ("sir", "joint")
+BOUNDS = ("sir",)
 
 
 @dataclass
@@ -74,8 +85,8 @@ class EDLMConfig(MDLMConfig):
     negatives: int = 1
     """NCE training only: negatives drawn from the frozen denoiser per positive."""
     bound: str = "sir"
-    """ddlm eval: sir (the NELBO of the k-proposal sampler, an upper bound) | joint (the paper's
-    joint plug-in with a log Z estimate; not a bound)."""
+    """ddlm eval: sir, the NELBO of the k-proposal sampler (an upper bound); the paper's joint
+    plug-in (joint) was removed: it is not a bound."""
     bound_draws: int = 64
     """Monte-Carlo draws per rho_k estimate in the bound (k of the energy's passes each); the
     upward bias shrinks as 1/draws and is large when the weights are heavy-tailed (measured with an
@@ -91,6 +102,8 @@ class EDLMConfig(MDLMConfig):
             (self.k >= 1, f"edlm.k={self.k} must be >= 1"),
             (0.0 <= self.window <= 1.0, f"edlm.window={self.window} must be in [0, 1]"),
             (self.negatives >= 1, f"edlm.negatives={self.negatives} must be >= 1"),
+            (self.bound != "joint", "edlm.bound=joint was removed: the paper's joint plug-in is not a bound "
+                                    "(docs/methods.md §6.2.4); use edlm.bound=sir"),
             (self.bound in BOUNDS, f"edlm.bound={self.bound!r} must be one of: {', '.join(BOUNDS)}"),
             (self.bound_draws >= 1, f"edlm.bound_draws={self.bound_draws} must be >= 1"),
         ])
@@ -107,8 +120,10 @@ class EDLMConfig(MDLMConfig):
 # ---- energies ---------------------------------------------------------------------------------
 
 class AREnergy(nn.Module):
-    """E(x_0, x_t) = -log p_AR(x_0) + log q(x_0 | x_t); with carry_over only the positions masked
-    in x_t are scored by the AR model. Frozen: it is never trained here."""
+    """E(x_0, x_t) = -log p_AR(x_0) + log p_theta(x_0 | x_t), p_theta the denoiser (log_q: its
+    log-probability, up to a function of x_t alone, which the self-normalised weights do not see);
+    with carry_over only the positions masked in x_t are scored by the AR model. Frozen: it is
+    never trained here."""
 
     def __init__(self, ar_model: nn.Module, *, bos_id: int, mask_id: int, carry_over: bool) -> None:
         super().__init__()
@@ -182,9 +197,6 @@ class EDLM(MDLM):
 
     @property
     def bound_name(self) -> str:  # type: ignore[override]
-        if self.cfg.bound == "joint":
-            return (f"NOT a bound: the paper's joint plug-in w(t)[-log p_phi(x_masked | x_t)] with log Z "
-                    f"from k={self.cfg.k} proposals (log Z biased low, so the figure too)")
         return (f"upper bound: NELBO of the k={self.cfg.k} importance sampler in window {self.cfg.window} (continuous "
                 f"time, one-position marginals) + prior KL; rho_k from {self.cfg.bound_draws} draw(s), "
                 f"biased up (conservative)")
@@ -254,7 +266,8 @@ class EDLM(MDLM):
     def energy(self, model, x0: torch.Tensor, zt: torch.Tensor, t: torch.Tensor, *,
                log_q: torch.Tensor | None = None) -> torch.Tensor:
         """E(x_0, x_t, t) (N,) float64 for rows x0, zt (N, L), t (N,); log_q (N,) the log-probability
-        of x0 under the proposal (the AR energy needs it; default: the denoiser's)."""
+        of x0 under the denoiser, up to a function of x_t (the AR energy needs it; default: computed
+        from the denoiser)."""
         t = t.to(torch.float64).reshape(-1, 1)
         if log_q is None and isinstance(model.energy, AREnergy):
             log_q = sequence_log_prob(self.log_x_theta(model, zt, t, dtype=torch.float64), x0)
@@ -267,17 +280,21 @@ class EDLM(MDLM):
         when given one per row)."""
         return torch.stack([gumbel_argmax(logp, generator, active=active) for _ in range(k)], dim=1)
 
-    def proposal_energies(self, model, props: torch.Tensor, zt: torch.Tensor, t: torch.Tensor,
-                          logp: torch.Tensor) -> torch.Tensor:
-        """(B, k) float64 energies of proposals props (B, k, L) drawn from logp (B, L, V) given
-        zt (B, L) at times t (B,). Row b's proposals are rows b*k .. b*k+k-1 of one batched pass
-        (repeat_interleave, then view(B, k)), so no row reads another's."""
+    def proposal_log_weights(self, model, props: torch.Tensor, zt: torch.Tensor, t: torch.Tensor,
+                             logp: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+        """(B, k) float64 log importance weights -E / tau of proposals props (B, k, L) drawn from
+        logp (B, L, V) given zt (B, L) at times t (B,). logp is the denoiser at temperature tau,
+        cut by top-k / top-p to the kept set S: on S, log p_theta = tau * logp + a function of zt,
+        which is the AR energy's log p_theta here; so q exp(-E / tau) is proportional to
+        p_phi^(1/tau) on S (module docstring). Row b's proposals are rows b*k .. b*k+k-1 of one
+        batched pass (repeat_interleave, then view(B, k)), so no row reads another's."""
         B, k, L = props.shape
         flat = props.reshape(B * k, L)
         log_q = logp.unsqueeze(1).expand(B, k, *logp.shape[1:]).gather(-1, props[..., None])  # a view, no copy
+        log_p_theta = temperature * log_q.double().squeeze(-1).sum(-1).reshape(B * k)
         energies = self.energy(model, flat, zt.repeat_interleave(k, dim=0), t.repeat_interleave(k, dim=0),
-                               log_q=log_q.double().squeeze(-1).sum(-1).reshape(B * k))
-        return energies.view(B, k)
+                               log_q=log_p_theta)
+        return -energies.view(B, k) / temperature
 
     # ---- training: noise-contrastive estimation ----------------------------------------------
 
@@ -308,8 +325,8 @@ class EDLM(MDLM):
 
     @torch.no_grad()
     def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
-        """B_k (default) or the paper's joint plug-in, per sequence in nats (float64), averaged over
-        n_samples draws of (t, x_t); see the module docstring."""
+        """B_k per sequence in nats (float64), averaged over n_samples draws of (t, x_t); see the
+        module docstring."""
         B, L = x0.shape
         weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
             else loss_mask.to(torch.float64)
@@ -323,12 +340,8 @@ class EDLM(MDLM):
             counted = masked & (weights > 0)
             base = torch.where(masked, nll, torch.zeros_like(nll))
             in_window = t >= 1.0 - self.cfg.window
-            if self.cfg.bound == "joint":
-                term = (base * weights).sum(1) + torch.where(
-                    counted.any(1), self.joint_correction(model, x0, zt, t, logp, generator), torch.zeros_like(t))
-            else:
-                term = (base * weights).sum(1) + torch.where(
-                    in_window, self.sir_correction(model, x0, counted, zt, t, logp, generator), torch.zeros_like(t))
+            term = (base * weights).sum(1) + torch.where(
+                in_window, self.sir_correction(model, x0, counted, zt, t, logp, generator), torch.zeros_like(t))
             total += self.loss_weight(t) * term
         prior = (self.prior_nll(x0) * weights).sum(1)
         return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)
@@ -349,19 +362,10 @@ class EDLM(MDLM):
         for _ in range(draws):
             props = self.proposals(logp, k, generator)  # (B, k, L)
             props[rows, 0, pos] = x0[rows, pos]  # x^1: the data's token at l, the rest drawn
-            log_w = -self.proposal_energies(model, props, zt, t, logp)  # (B, k)
+            log_w = self.proposal_log_weights(model, props, zt, t, logp)  # (B, k)
             log_ratio.append(math.log(k) + log_w[:, 0] - torch.logsumexp(log_w, dim=1))
         log_rho = torch.logsumexp(torch.stack(log_ratio), dim=0) - math.log(draws)
         return torch.where(count > 0, -count.double() * log_rho, torch.zeros_like(log_rho))
-
-    def joint_correction(self, model, x0, zt, t, logp, generator) -> torch.Tensor:
-        """(B,) float64: E(x_0, x_t) + log Z_k(x_t), Z_k the k-proposal estimate of
-        E_q[exp(-E)] (biased low in the log; Jensen)."""
-        k = self.cfg.k
-        e_data = self.energy(model, x0, zt, t, log_q=sequence_log_prob(logp, x0))
-        log_w = -self.proposal_energies(model, self.proposals(logp, k, generator), zt, t, logp)
-        log_z = torch.logsumexp(log_w, dim=1) - math.log(k)
-        return torch.where((zt == self.mask_id).any(1), e_data + log_z, torch.zeros_like(log_z))
 
     # ---- sampling ----------------------------------------------------------------------------
 

@@ -6,11 +6,18 @@ A step t -> s (docs/methods.md §6.2.2):
      none does keeps z_t and spends nothing (equal in law to drawing x_0 and not using it);
   2. for the other rows, k proposals x^1..x^k ~ q(. | z_t) from one denoiser pass (the no-change
      cache reuses it while z_t is unchanged), their energies in one batched pass, log-weights
-     -E in float64, self-normalised, and one index J ~ Cat(softmax(-E)) per row (float64 Gumbel,
-     from the row's own generator when given one per row);
+     -E / tau in float64, self-normalised over the row's own k proposals, and one index
+     J ~ Cat(softmax(-E / tau)) per row (float64 Gumbel, from the row's own generator when given
+     one per row);
   3. the posterior step with x_0* = x^J at the unmasking positions.
 Outside the window, and with k = 1, it is MDLM's step. NFE counts the energy's passes: k per step
 in which some row resampled (each row's k proposals are k sequence passes).
+
+Temperature tau, top-k and top-p (docs/methods.md §6.2.2): q is the denoiser at temperature tau cut
+to the tokens top-k / top-p keep at each masked position (the set S), as for MDLM, and the weights
+exp(-E / tau) make the step target the residual EBM at temperature tau on S,
+p_phi(x_0 | z_t)^(1/tau) restricted to S (`EDLM.proposal_log_weights`). With an AR energy this is
+p_AR^(1/tau) on S: the weights do not cancel the temperature, and top-p keeps its cut.
 """
 from __future__ import annotations
 
@@ -48,12 +55,13 @@ class ImportanceSampler(AncestralSampler):
 
     def resampled_x0(self, model, z, t, logp, generator, rows: torch.Tensor) -> torch.Tensor:
         """(B, L) x_0* for the `rows` that need one (the others keep z): k proposals per row,
-        weights exp(-E), one resampled."""
+        weights exp(-E / tau), one resampled."""
         method, k = self.method, self.k
         props = method.proposals(logp, k, generator, active=rows)  # (B, k, L)
         index = rows.nonzero().squeeze(1)
         times = torch.full((index.numel(),), float(t), dtype=torch.float64, device=z.device)
-        log_w = method.proposal_energies(model, props[index], z[index], times, logp[index]).neg()
+        log_w = method.proposal_log_weights(model, props[index], z[index], times, logp[index],
+                                            temperature=self.temperature)  # (n, k)
         self.energy_passes += k
         row_gens = [generator[int(i)] for i in index] if isinstance(generator, (list, tuple)) else generator
         choice = gumbel_argmax(torch.log_softmax(log_w, dim=1), row_gens)  # (n,)
