@@ -39,7 +39,7 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = plt.subplots(figsize=(8.0, 4.0), dpi=120)
     for label, run_dir in runs.items():
         line_with_band(ax, label, *validation_curve(run_dir))
     for label, (steps, mean, spread) in (bands or {}).items():
@@ -54,11 +54,11 @@ def plot_validation_curves(runs: dict[str, str | Path], out: str | Path, *, titl
     ax.set_ylabel("validation BPC (diffusion: upper bound)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)  # beside the data
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    fig.savefig(out, bbox_inches="tight")
     plt.close(fig)
     return out
 

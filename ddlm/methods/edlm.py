@@ -189,6 +189,10 @@ class EDLM(MDLM):
     sample_options = ("energy", "carry_over", "k", "window", "bound", "bound_draws")
     needs_init = "an MDLM run, whose denoiser EDLM freezes and whose weights start the energy"
 
+    @classmethod
+    def likelihood_rank(cls, options: dict) -> float | None:
+        return None  # its bound is the importance sampler's; the papers' EDLM figures are not bounds
+
     def __init__(self, cfg, **kw) -> None:
         super().__init__(cfg, **kw)
         self.energy_module: nn.Module | None = None  # an energy loaded from another run (ar:, nce:)
