@@ -280,7 +280,7 @@ def generation_tables(results: dict) -> list[str]:
                 mark = _mark(gens, judge)
                 marked |= bool(mark)
                 seconds = seed_mean([g["seconds_per_sample"] for g in gens])
-                lines.append(f"| {row['name']} | {'—' if is_ar(row) else steps} | {top_p:g} | "
+                lines.append(f"| {row['name']} | {steps if _class(row).has_steps else '—'} | {top_p:g} | "
                              f"{fmt(float(np.mean([g['nfe'] for g in gens])), 1)} | {fmt(seconds.mean if seconds else None)} | "
                              f"{est(judged(gens, judge, 'bits_per_byte'))}{mark} | {est(judged(gens, judge, 'gen_ppl'), 2)}{mark} | "
                              f"{est(per_sample_mean(gens, 'unigram_entropy'))} | "
@@ -401,7 +401,7 @@ def steps_claims(results: dict) -> Claim:
     judge = first_judge(results)
     lines = []
     for row in results["rows"]:
-        if is_ar(row) or not judge:
+        if not _class(row).has_steps or not judge:
             continue
         quality, entropy = _series(row, judge, "bits_per_byte"), _series(row, judge, "unigram_entropy")
         if len(quality) < 2:
@@ -522,7 +522,7 @@ def sample_section(results: dict) -> list[str]:
         gens = [g for g in runs(row)[0]["generation"] if (g["steps"], g["top_p"]) == keys[-1]]
         if gens and gens[0]["samples"]:
             text = gens[0]["samples"][0].replace("\n", " ").replace("|", "/")
-            at = "" if is_ar(row) else f" (T={keys[-1][0]})"
+            at = f" (T={keys[-1][0]})" if _class(row).has_steps else ""
             lines.append(f"- **{row['name']}**{at}: {text[:300]}")
     return lines + [""]
 
@@ -615,7 +615,7 @@ def _entropy_plot(results, judge, path, plt):
     fig, ax = plt.subplots(figsize=(8.0, 4.0), dpi=120)
     for i, row in enumerate(results["rows"]):
         pts = _series(row, judge, "unigram_entropy")
-        if pts and not is_ar(row):
+        if pts and _class(row).has_steps:
             ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[stats.Z * p[1].se for p in pts],
                         marker="o", markersize=3, capsize=2, color=f"C{i % 10}", label=row["name"])
         elif pts:

@@ -29,6 +29,7 @@ from ddlm.compare.recipe import Recipe, Row, read_recipe
 from ddlm.config import make_config
 from ddlm.errors import ConfigError, DataError, DdlmError
 from ddlm.eval.records import append_jsonl, environment
+from ddlm.methods.base import method_class
 from ddlm.progress import progress_bar
 
 COLLECTIVE = ("train", "likelihood")  # stages every process takes part in under torchrun
@@ -98,7 +99,7 @@ class Comparison:
     def evaluations(self, row: Row, k: int) -> list[Stage]:
         recipe, gen = self.recipe, self.recipe.generation
         stages = [Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k)]
-        steps_list = gen.steps if self.source(row).method != "ar" else gen.steps[:1]  # AR has no steps
+        steps_list = gen.steps if method_class(self.source(row).method).has_steps else gen.steps[:1]
         for steps in steps_list:
             for top_p in gen.top_p:
                 stages.append(Stage("generation", row, {**dataclasses.asdict(gen), "steps": int(steps),

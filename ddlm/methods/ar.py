@@ -25,6 +25,7 @@ class AR(Method):
     config_class = ARConfig
     attention = "causal"
     samplers = ("ancestral",)
+    has_steps = False
 
     @classmethod
     def likelihood_rank(cls, options: dict) -> float | None:

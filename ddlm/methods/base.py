@@ -72,6 +72,7 @@ class Method:
     has_likelihood: ClassVar[bool] = True  # False: nll_bound is not defined (eval refuses)
     default_block: ClassVar[str] = "plain"  # backbone block when model.block is auto
     samplers: ClassVar[tuple[str, ...]] = ()  # sampler names; the first is the default
+    has_steps: ClassVar[bool] = True  # False: sampling takes no step count (AR: one token per call)
     validation: ClassVar[str] = "likelihood"  # what training validates: likelihood | loss
     wraps: ClassVar[tuple[str, ...]] = ()  # methods whose checkpoints this one can be built around
     # Where the papers place this method's likelihood among the others (`likelihood_rank`, lower:
