@@ -203,8 +203,9 @@ def header(results: dict) -> list[str]:
              f"- data: {data.get('corpus', 'austen')}, tokenizer {data.get('tokenizer', 'char')}, "
              f"sequence length {data.get('seq_len', '?')}",
              f"- backbone: d={model.get('dim', '?')}, {model.get('n_layers', '?')} layers, "
-             f"{model.get('n_heads', '?')} heads (block: {model.get('block', 'auto')}; auto is gated for "
-             "diffusion, plain for AR)",
+             f"{model.get('n_heads', '?')} heads (block: "
+             f"{(results.get('base') or {}).get('model', {}).get('block', 'auto')}; auto is each method's "
+             "default: gated for diffusion, plain for AR)",
              f"- budget: {train.get('steps', '?')} steps of batch {train.get('batch_size', '?')} "
              f"(lr {train.get('lr', '?')}); FLOPs per trained token differ by method (table below)"]
     for row in results["rows"]:
