@@ -272,7 +272,8 @@ class MDLM(DiffusionMethod):
         per time group. A time uniform on the full window and conditioned to fall in a candidate
         window is uniform on that window, so a candidate's variance is the variance of the group
         losses whose time fell inside it: every candidate is judged on the same draws, and the
-        search costs `search_draws` passes per batch for all 63 candidates. A candidate without
+        search costs `search_draws` passes per batch for all 63 candidates (`window_variance`;
+        BD3-LM's mask mode reweights the draws there). A candidate without
         times (the full-mask window of L' = 1) is scored on its own; one that no two draws fell in
         is left out. The window with the smallest variance becomes `self.window`. Returns what to
         log."""
