@@ -137,6 +137,9 @@ def test_likelihood_orderings_come_from_the_registry_and_flip_with_the_data():
     good = _standard()
     line = _claim(good, report.likelihood_order, "BPC ar < ")
     assert _verdict(line) == stats.HOLDS and "2.000 ± " in line
+    assert _verdict(_claim(good, report.likelihood_order, "BPC bd3-4 < mdlm")) == stats.HOLDS
+    assert _verdict(_claim(good, report.likelihood_order, "BPC mdlm < sedd-absorbing")) == stats.HOLDS
+    assert "not ordered by the papers here: edlm-ar" in "\n".join(report.likelihood_order(good).lines)
     flipped = _standard(ar_bpc=4.0)
     assert _verdict(_claim(flipped, report.likelihood_order, "BPC ar < ")) == stats.FAILS
     close = _standard(ar_bpc=2.49)  # 0.01 from bd3-4 with ~0.008 s.e. each: not resolved

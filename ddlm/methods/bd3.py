@@ -125,6 +125,16 @@ class BD3(MDLM):
     name = "bd3"
     config_class = BD3Config
     bound_name = "block NELBO (MDLM eq. 11 per block given the clean prefix) + prior KL"
+    likelihood_source = "BD3-LM Table 3: the bound grows with L' and stays below MDLM's (L' = L)"
+
+    @classmethod
+    def variant(cls, options: dict) -> str:
+        return f"bd3-{options.get('block_size', BD3Config.block_size)}"
+
+    @classmethod
+    def likelihood_rank(cls, options: dict) -> float | None:
+        """Between AR (0) and MDLM (2), growing with L'; L' = 1 is AR's loss (rank 1)."""
+        return 2.0 - 1.0 / math.log2(2 * options.get("block_size", BD3Config.block_size))
 
     def __init__(self, cfg, **kw) -> None:
         super().__init__(cfg, **kw)
