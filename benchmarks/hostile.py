@@ -4,10 +4,13 @@ silently accepted (exit 0), or hung (killed after --timeout seconds).
 
     python benchmarks/hostile.py [--timeout 60] [--out benchmarks/results/hostile.json]
 
-A tiny AR run is trained first; the cases damage copies of it, feed it bad flags, prompts and
-corpora. A case may carry its own timeout, a SIGTERM sent after some seconds (then exit 130 is the
-clean outcome), and a check of what must survive it (another run's files, a device node), whose
-finding is appended to its line. Prints one line per case and the tally; writes the JSON.
+A tiny AR run is trained first; the cases damage copies of it, feed it bad flags, prompts,
+corpora, recipes, caches and environments. A case may carry its own timeout, a SIGTERM sent after
+some seconds (then exit 130 is the clean outcome), environment variables, words its message must
+hold (`expect`), and a check of what must survive it (another run's files, a device node, a cache
+rebuilt), whose finding is appended to its line. A full disk is a small tmpfs and a read-only run
+directory an immutable one (chattr +i) when this runs as root (a user's chmod otherwise); cases
+that cannot be set up here are left out. Prints one line per case and the tally; writes the JSON.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from pathlib import Path
 
 TINY = ["--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=32",
         "--train.batch_size=4", "--train.eval_every=0", "--train.progress=false"]
+DEEP = "[" * 200_000 + "]" * 200_000  # JSON nested past any recursion limit
+MOUNTS: list[Path] = []  # tmpfs mounts of the full-disk cases, unmounted at the end
 
 
 def ddlm(args: list[str], timeout: float, env: dict, sigterm_after: float | None = None) -> tuple[str, str]:
@@ -61,28 +66,298 @@ def damaged_copy(run: Path, root: Path, name: str, damage) -> Path:
     return copy
 
 
-def tree(root: Path) -> dict:
+def tree(root: Path, ignore: tuple[str, ...] = ()) -> dict:
     """Every entry under `root`, links not followed: files by content, links by target."""
     out = {}
     for path in sorted(root.rglob("*")):
-        out[str(path.relative_to(root))] = (os.readlink(path) if path.is_symlink()
-                                            else path.read_bytes() if path.is_file() else "dir")
+        if str(path.relative_to(root)) not in ignore:
+            out[str(path.relative_to(root))] = (os.readlink(path) if path.is_symlink()
+                                                else path.read_bytes() if path.is_file() else "dir")
     return out
 
 
-def untouched(root: Path):
-    """A check that `root` (another run) is exactly as it was when the case was made."""
-    before = tree(root)
-    return lambda: None if tree(root) == before else f"{root.name} WAS CHANGED"
+def untouched(root: Path, ignore: tuple[str, ...] = ()):
+    """A check that `root` (another run) is exactly as it was when the case was made (but for the
+    entries in `ignore`: a run's own .lock holds the pid of its last trainer)."""
+    before = tree(root, ignore)
+    return lambda: None if tree(root, ignore) == before else f"{root.name} WAS CHANGED"
 
 
-def train_other(root: Path, name: str, method: str) -> Path:
+def train_other(root: Path, name: str, method: str, *extra: str) -> Path:
     """A second tiny run, of `method`, that some cases point into."""
     out = root / name
     env = {**os.environ, "DDLM_CACHE": str(root / "cache")}
     subprocess.run([sys.executable, "-m", "ddlm", "train", "--method", method, "--out", str(out), "--steps", "2",
-                    *TINY], check=True, capture_output=True, env=env)
+                    *TINY, *extra], check=True, capture_output=True, env=env)
     return out
+
+
+def rewrite(ckpt: Path, name: str, text: str) -> None:
+    """Replace one file of a checkpoint and rewrite its manifest, so only the content is wrong."""
+    from ddlm.checkpoint import write_manifest
+
+    (ckpt / name).write_text(text)
+    write_manifest(ckpt)
+
+
+def manifest_files(change):
+    """A damage that replaces the manifest's `files` with change(files)."""
+    def damage(copy, ckpt):
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+        (ckpt / "manifest.json").write_text(json.dumps({"files": change(manifest["files"])}))
+    return damage
+
+
+def metrics_cases(run: Path, root: Path) -> list[tuple]:
+    """metrics.jsonl lines that are not metrics records, read by `ddlm info` and by a resume (which
+    must refuse before it rewrites the file)."""
+    out = []
+    for label, line in (("a line that is a JSON list", b"[1, 2, 3]\n"),
+                        ("a line that is not UTF-8", b'{"step": 3, "note": "\xff\xfe"}\n'),
+                        ("a string val_bpc", b'{"step": 2, "split": "valid", "val_bpc": "fast"}\n'),
+                        ("a line nested 200k deep", b'{"a": ' + DEEP.encode() + b"}\n")):
+        copy = root / f"metrics_{len(out)}"
+        shutil.copytree(run, copy)
+        with open(copy / "metrics.jsonl", "ab") as f:
+            f.write(line)
+        out += [(f"metrics.jsonl with {label}: info", ["info", str(copy)]),
+                (f"metrics.jsonl with {label}: resume", ["train", "--method", "ar", "--out", str(copy), "--steps", "4",
+                                                        *TINY], {"check": untouched(copy, (".lock",))})]
+    return out
+
+
+def cache_cases(run: Path, root: Path) -> list[tuple]:
+    """Caches under DDLM_CACHE that are damaged (rebuilt, never trusted) or that are not a folder."""
+    import numpy as np
+
+    from ddlm.checkpoint import load_checkpoint
+
+    vocab = load_checkpoint(run).config.model.vocab_size
+
+    def cache_copy(name, damage_tokens=None, probe=None):
+        cache = root / name
+        shutil.copytree(root / "cache", cache)
+        for path in (cache / "tokens").glob("stream-*.npy") if damage_tokens else ():
+            damage_tokens(path)
+        if probe is not None:
+            (cache / "dtype_probe.json").write_bytes(probe)
+        return cache
+
+    def poison(path):
+        stream = np.load(path)
+        stream[::7] = vocab + 100  # ids past the vocabulary: would index past the embedding
+        np.save(path, stream)
+
+    def tokens_rebuilt(cache):
+        def check():
+            for path in (cache / "tokens").glob("stream-*.npy"):
+                try:
+                    if np.load(path).max() >= vocab:
+                        return f"{path.name} STILL HOLDS IDS PAST THE VOCABULARY"
+                except ValueError:
+                    return f"{path.name} WAS NOT REBUILT"
+            return None
+        return check
+
+    def probe_whole(cache):
+        def check():
+            try:
+                verdicts = json.loads((cache / "dtype_probe.json").read_text())
+                assert all(v["choice"] in ("fp32", "bf16") for v in verdicts.values())
+            except Exception:
+                return "dtype_probe.json WAS NOT MEASURED AGAIN"
+            return None
+        return check
+
+    out = []
+    for label, damage in (("garbage", lambda p: p.write_bytes(os.urandom(4096))),
+                          ("truncated", lambda p: p.write_bytes(p.read_bytes()[:200])),
+                          ("ids past the vocabulary (poisoned)", poison)):
+        cache = cache_copy(f"cache_tokens_{len(out)}", damage_tokens=damage)
+        out.append((f"token cache {label} (train; rebuilt)",
+                     ["train", "--method", "ar", "--out", str(root / f"t_cache_{len(out)}"), "--steps", "2", *TINY],
+                     {"env": {"DDLM_CACHE": str(cache)}, "check": tokens_rebuilt(cache)}))
+    for label, probe in (("nested 200k deep", DEEP.encode()), ("a JSON list", b"[1, 2]"), ("not UTF-8", b"\xff\xfe"),
+                         ("torn", b'{"cpu": {"fp32": 1')):
+        cache = cache_copy(f"cache_probe_{len(out)}", probe=probe)
+        out.append((f"dtype_probe.json {label} (train --train.dtype=auto; measured again)",
+                     ["train", "--method", "ar", "--out", str(root / f"t_probe_{len(out)}"), "--steps", "1", *TINY],
+                     {"env": {"DDLM_CACHE": str(cache)}, "check": probe_whole(cache)}))
+    out.append(("DDLM_CACHE naming a file", ["train", "--method", "ar", "--out", str(root / "t_cache_file"),
+                                             "--steps", "1", *TINY], {"env": {"DDLM_CACHE": str(root / "a_file")}}))
+    for value in ("bogus", "cuda:99", "cpu:x"):
+        out.append((f"DDLM_DEVICE={value}", ["sample", str(run), "--num", "1", "--length", "4"],
+                    {"env": {"DDLM_DEVICE": value}}))
+    return out
+
+
+def mount_tmpfs(path: Path, kilobytes: int) -> bool:
+    """A tmpfs of `kilobytes` at `path` (root only); False when it cannot be mounted here."""
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+    if done:
+        MOUNTS.append(path)
+    return done
+
+
+def used_kilobytes(path: Path) -> int:
+    return (shutil.disk_usage(path).total - shutil.disk_usage(path).free) // 1024
+
+
+def disk_cases(run: Path, root: Path) -> list[tuple]:
+    """A full disk (a small tmpfs) while checkpointing and while writing eval --results, and a
+    read-only run directory: one line, the surviving checkpoint named, the earlier files whole."""
+    out = []
+    for label, free in (("model.safetensors", 16), ("trainer_state.pt", 120)):
+        mount = root / f"full_{len(out)}"
+        if not mount_tmpfs(mount, 4096):
+            break
+        shutil.copytree(run, mount / "run")
+        subprocess.run(["mount", "-o", f"remount,size={used_kilobytes(mount) + free}k", str(mount)], check=True)
+        out.append((f"a full disk while writing {label} (resume, tmpfs)",
+                    ["train", "--method", "ar", "--out", str(mount / "run"), "--steps", "4", *TINY],
+                    {"expect": ["no space left on device", "checkpoints/step_0000002 is intact"]}))
+    out.append(("eval --results naming a directory", ["eval", str(run), "--results", str(root)]))
+    out.append(("eval --generate --results naming a directory", ["eval", str(run), "--generate", "--num", "1",
+                                                                 "--results", str(root)]))
+    if os.path.exists("/dev/full"):
+        out.append(("eval --results /dev/full (a full disk; the result is printed)",
+                    ["eval", str(run), "--eval.max_batches=1", "--json", "--results", "/dev/full"],
+                    {"expect": ["no space left on device"]}))
+    mount = root / "full_results"
+    if mount_tmpfs(mount, 8):
+        (mount / "results.jsonl").write_text('{"kind": "earlier"}\n')
+        try:
+            (mount / "filler").write_bytes(b"\0" * 8192)  # the rest of the disk
+        except OSError:
+            pass
+        out.append(("eval --results on a full disk (tmpfs)",
+                    ["eval", str(run), "--eval.max_batches=1", "--json", "--results", str(mount / "results.jsonl")],
+                    {"expect": ["no space left on device"],
+                     "check": lambda: None if (mount / "results.jsonl").read_text() == '{"kind": "earlier"}\n'
+                     else "THE EARLIER RESULTS WERE CHANGED"}))
+    read_only = root / "read_only"
+    shutil.copytree(run, read_only)
+    if read_only_dir(read_only):
+        before = untouched(read_only, (".lock",))
+        out.append(("a read-only run directory (resume)", ["train", "--method", "ar", "--out", str(read_only),
+                                                          "--steps", "4", *TINY],
+                    {"check": lambda: writable_again(read_only) or before()}))
+    return out
+
+
+def read_only_dir(path: Path) -> bool:
+    """Make `path` read-only: chmod for a user; root ignores modes, so there chattr +i."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o555)
+        return True
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(path)]).returncode == 0
+
+
+def writable_again(path: Path) -> None:
+    if os.geteuid() != 0:
+        os.chmod(path, 0o755)
+    else:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+
+
+def provenance_cases(run: Path, root: Path) -> list[tuple]:
+    """What a run says it used must be what it used: an --init run's tokenizer, and the corpus a
+    run resumes on."""
+    byte_run = train_other(root, "byte_run", "ar", "--tokenizer", "byte")
+    corpus = root / "edited.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    edited = root / "edited_run"
+    subprocess.run([sys.executable, "-m", "ddlm", "train", "--method", "ar", "--data", str(corpus), "--out",
+                    str(edited), "--steps", "2", *TINY], check=True, capture_output=True,
+                   env={**os.environ, "DDLM_CACHE": str(root / "cache")})
+    corpus.write_text("a lazy dog sleeps under the quick brown fox\n" * 200)  # same size, other text
+    return [("--init a byte run --tokenizer char", ["train", "--method", "ar", "--init", str(byte_run),
+                                                    "--tokenizer", "char", "--out", str(root / "init_char"),
+                                                    "--steps", "2", *TINY]),
+            ("corpus edited in place before the resume", ["train", "--method", "ar", "--data", str(corpus),
+                                                          "--out", str(edited), "--steps", "4", *TINY],
+             {"check": untouched(edited, (".lock",))})]
+
+
+TINY_RECIPE = {"name": "hostile", "rows": [{"name": "ar", "method": "ar"}],
+               "base": {"data": {"seq_len": 32}, "model": {"dim": 32, "n_layers": 1, "n_heads": 2},
+                        "train": {"steps": 2, "batch_size": 4, "eval_every": 0, "progress": False}},
+               "evaluate": {"likelihood": {"max_batches": 1},
+                            "generation": {"steps": [4], "num": 1, "length": 8, "batch_size": 1, "judges": ["ar"]}}}
+
+
+def alias_bomb() -> str:
+    """A "billion laughs": nine levels of nine aliases, 9^9 strings once expanded, in 718 bytes."""
+    levels = ['&a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"&{n} [{', '.join([f'*{p}'] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    text = "name: bomb\nrows: [{name: ar, method: ar}]\ndescription:\n" + "".join(f"  - {x}\n" for x in levels)
+    return text + "# " + "lol " * ((715 - len(text)) // 4) + "l" * ((715 - len(text)) % 4) + "\n"
+
+
+def recipe_cases(root: Path) -> list[tuple]:
+    """Recipes of the wrong shape, and YAML that expands without end, given to `ddlm compare`
+    (and `ddlm train --config`). A recipe that gets past the parser trains a tiny row only."""
+    def recipe(name, text):
+        (root / name).write_text(text)
+        return str(root / name)
+
+    def tiny_with(change):
+        data = json.loads(json.dumps(TINY_RECIPE))
+        change(data)
+        return json.dumps(data)
+
+    bomb = recipe("bomb.yaml", alias_bomb())
+    assert len(alias_bomb().encode()) == 718
+    recursive = recipe("recursive.yaml", "name: loop\nbase: &a {data: {corpus: austen}, more: [*a]}\n"
+                                         "rows: [{name: ar, method: ar}]\n")
+    cases = [("recipe with base: 5", recipe("base5.yaml", tiny_with(lambda d: d.update(base=5)))),
+             ("recipe with judges: [123]", recipe("judges.yaml", tiny_with(
+                 lambda d: d["evaluate"]["generation"].update(judges=[123])))),
+             ('recipe with steps: ["four"]', recipe("steps.yaml", tiny_with(
+                 lambda d: d["evaluate"]["generation"].update(steps=["four"])))),
+             ("recipe with a recursive YAML alias", recursive),
+             ("recipe with a NUL byte in a row name", recipe("nul.yaml", tiny_with(
+                 lambda d: d["rows"][0].update(name="a\0b")))),
+             ("recipe that is a 718-byte YAML alias bomb", bomb),
+             ("recipe nested 200k deep", recipe("deep.yaml", "base: " + DEEP + "\n"))]
+    out = [(f"compare: {label}", ["compare", path, "--out", str(root / f"cmp_{i}")], {"timeout": 120})
+           for i, (label, path) in enumerate(cases)]
+    out += [("train --config: a 718-byte YAML alias bomb", ["train", "--config", bomb, "--out", str(root / "t")]),
+            ("train --config: a recursive YAML alias", ["train", "--config", recursive, "--out", str(root / "t")])]
+    return out + stage_cases(root)
+
+
+def stage_cases(root: Path) -> list[tuple]:
+    """A comparison's finished stage files nested 200k deep: a damaged stage is redone, as a torn one."""
+    path = root / "stages.yaml"
+    path.write_text(json.dumps(TINY_RECIPE))
+    out = root / "cmp_stages"
+    done = subprocess.run([sys.executable, "-m", "ddlm", "compare", str(path), "--out", str(out), "--json"],
+                          capture_output=True, env={**os.environ, "DDLM_CACHE": str(root / "cache")})
+    stages = sorted((out / "stages").glob("*.json")) if done.returncode == 0 else []
+    if not stages:  # the comparison cannot run here: nothing to damage
+        return []
+    metrics = root / "cmp_metrics"  # a row's metrics.jsonl damaged, its training stage to be redone
+    shutil.copytree(out, metrics)
+    for stage in (metrics / "stages").glob("train-*.json"):
+        stage.unlink()
+    with open(metrics / "runs" / "ar" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "split": "valid", "val_bpc": "fast"}\n')
+    for stage in stages:
+        stage.write_text(DEEP)
+
+    def redone():
+        return None if all(s.read_text() != DEEP for s in stages) else "A DAMAGED STAGE WAS KEPT"
+
+    return [("compare: stage files nested 200k deep (redone)", ["compare", str(path), "--out", str(out), "--json"],
+             {"timeout": 120, "check": redone}),
+            ("compare: a row's metrics.jsonl with a string val_bpc", ["compare", str(path), "--out", str(metrics), "--json"],
+             {"timeout": 120})]
 
 
 def linked_cases(run: Path, root: Path) -> list[tuple]:
@@ -269,6 +544,12 @@ def cases(run: Path, root: Path, short: float = 15) -> list[tuple]:
         "config of absurd size (manifest rewritten)": huge,
         "malicious trainer_state.pt (manifest rewritten)": pickle_bomb,
         "malicious sharded trainer_state/.metadata (manifest rewritten)": sharded_pickle_bomb,
+        "manifest.json whose files is a list": manifest_files(list),
+        "manifest.json whose files are numbers": manifest_files(lambda files: {k: 5 for k in files}),
+        "manifest.json nested 200k deep": lambda copy, ckpt: (ckpt / "manifest.json").write_text(DEEP),
+        "config.json nested 200k deep (manifest rewritten)": lambda copy, ckpt: rewrite(ckpt, "config.json", DEEP),
+        "tokenizer.json nested 200k deep (manifest rewritten)":
+            lambda copy, ckpt: rewrite(ckpt, "tokenizer.json", DEEP),
     }
     out = []
     for i, (label, damage) in enumerate(damaged.items()):
@@ -285,6 +566,11 @@ def cases(run: Path, root: Path, short: float = 15) -> list[tuple]:
                  ["sample", str(relabelled), "--num", "1", "--length", "4", "--steps", "2"]))
     out += linked_cases(run, root)
     out += special_file_cases(run, root, short)
+    out += metrics_cases(run, root)
+    out += cache_cases(run, root)
+    out += disk_cases(run, root)
+    out += provenance_cases(run, root)
+    out += recipe_cases(root)
     r = str(run)
     out += [
         ("a NaN/inf last step (--train.lr=1e20)", ["train", "--out", str(root / "diverged"), "--steps", "3", *TINY,
@@ -376,6 +662,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=60)
     parser.add_argument("--out", default="benchmarks/results/hostile.json")
+    parser.add_argument("--only", default="", help="run only the cases whose label holds this text (no JSON written)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ddlm-hostile-"))
     env = {**os.environ, "DDLM_CACHE": str(root / "cache")}
@@ -384,21 +671,33 @@ def main() -> None:
                            args.timeout, env)
     assert status == "accepted", (status, message)
     results = []
-    for label, argv, *options in cases(run, root, short=min(15, args.timeout)):
-        opts = options[0] if options else {}
-        status, message = ddlm(argv, opts.get("timeout", args.timeout), env, opts.get("sigterm_after"))
-        problem = opts["check"]() if "check" in opts else None
-        if problem:
-            message = f"{message} [{problem}]"
-        results.append({"case": label, "status": status, "message": message, "survived": problem is None})
-        print(f"{status:<10} {label}: {message[:150]}")
+    try:  # the tmpfs mounts are undone whatever happens
+        for label, argv, *options in cases(run, root, short=min(15, args.timeout)):
+            if args.only and args.only not in label:
+                continue
+            opts = options[0] if options else {}
+            status, message = ddlm(argv, opts.get("timeout", args.timeout), {**env, **opts.get("env", {})},
+                                   opts.get("sigterm_after"))
+            problem = opts["check"]() if "check" in opts else None
+            missing = [words for words in opts.get("expect", []) if words not in message]
+            problem = "; ".join(filter(None, [problem] + [f"THE MESSAGE LACKS {w!r}" for w in missing])) or None
+            if problem:
+                message = f"{message} [{problem}]"
+            results.append({"case": label, "status": status, "message": message, "survived": problem is None})
+            print(f"{status:<10} {label}: {message[:150]}")
+    finally:
+        for mount in MOUNTS:
+            subprocess.run(["umount", str(mount)], capture_output=True)
+        if (root / "read_only").exists():
+            writable_again(root / "read_only")
     tally = {s: sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})}
     print(f"\n{len(results)} bad inputs: " + ", ".join(f"{n} {s}" for s, n in tally.items()))
     executed = (root / "pwned").exists() or (root / "pwned_sharded").exists()
     print(f"malicious pickle executed: {executed}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cases": results, "tally": tally,
-                                          "pickle_executed": executed}, indent=1))
+    if not args.only:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"cases": results, "tally": tally,
+                                              "pickle_executed": executed}, indent=1))
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -37,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ddlm.config import RunConfig
-from ddlm.errors import CheckpointError, ConfigError
+from ddlm.errors import CheckpointError, ConfigError, write_failure
 
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 MANIFEST = "manifest.json"
@@ -98,8 +98,11 @@ def verify_file(ckpt: Path, name: str) -> None:
     manifest = ckpt / MANIFEST
     entry = entries.get(name)
     path = ckpt / name
-    if not isinstance(entry, dict):
+    if entry is None:
         raise CheckpointError(f"'{path}' is not listed in '{manifest}'; the checkpoint is not one ddlm wrote")
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"'{manifest}' gives {name} no size and checksum (its entry is {str(entry)[:40]!r}); "
+                              f"the checkpoint is not one ddlm wrote")
     size = path.stat().st_size
     if size != entry.get("bytes"):
         raise CheckpointError(f"'{path}' has {size} bytes but its manifest says {entry.get('bytes')}; "
@@ -168,7 +171,8 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
                   metadata=weights_label(config, weights, step))
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / state_name)
+            with open(tmp / state_name, "wb") as f:  # a file object: a full disk is an OSError, not torch's own
+                torch.save(trainer_state, f)
         write_manifest(tmp)
         for f in _files(tmp) + [tmp / MANIFEST]:
             with open(f, "rb") as fh:
@@ -176,14 +180,14 @@ def save_checkpoint(out_dir: Path, step: int, *, config: RunConfig, tokenizer_di
         for folder in {f.parent for f in _files(tmp)}:
             _fsync_dir(folder)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _write_text(Path(out_dir) / "latest", f"checkpoints/{final.name}\n")
-    except (OSError, RuntimeError) as err:  # disk full, read-only directory, a failing writer
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, read-only directory, a failing writer
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_name(Path(out_dir))
-        reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:120]
+        reason = write_failure(err)
         raise CheckpointError(f"could not write checkpoint step {step} under '{root}' ({reason}); "
                               + (f"the previous checkpoint {kept} is intact" if kept else "no earlier checkpoint exists")
                               ) from None
@@ -221,7 +225,20 @@ def _prune(root: Path, keep: int, current: Path) -> None:
     steps = sorted(p for p in root.iterdir() if p.name.startswith("step_") and p.is_dir() and not p.is_symlink())
     for old in steps[:-keep]:
         if old != current:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                _discard(old)
+            except OSError:  # left for the next prune
+                pass
+
+
+def _discard(ckpt: Path) -> None:
+    """Remove a checkpoint folder: renamed out of sight first (a temporary name, cleaned up as a
+    stale temporary if a kill comes before the removal ends), so no half-removed checkpoint is
+    ever seen under its own name."""
+    trash = ckpt.with_name(f".tmp_{ckpt.name}_discarded_{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _resolved(path: Path) -> Path | None:
@@ -396,6 +413,8 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"'{path}' is not valid JSON ({str(err).splitlines()[0]})") from None
+    except RecursionError:
+        raise CheckpointError(f"'{path}' is nested too deeply to be a file ddlm wrote") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"'{path}' does not hold a JSON object")
     return data

@@ -60,8 +60,11 @@ def cmd_train(args, extra: list[str]) -> int:
 
 # -- eval -----------------------------------------------------------------------------------
 def cmd_eval(args, extra: list[str]) -> int:
+    from ddlm.eval.records import append_jsonl, check_appendable, environment
     from ddlm.eval.run import evaluate_checkpoint
 
+    if args.results:  # checked before evaluating; written after the result is printed, so it is never lost
+        check_appendable(args.results)
     if args.generate:
         return eval_generation(args, extra)
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, overrides=extra,
@@ -71,13 +74,12 @@ def cmd_eval(args, extra: list[str]) -> int:
     text = (f"{result['method']} on {result['corpus']} [{result['split']}]: "
             f"BPC {result['bpc']:.4f} ± {result['bpc_stderr']:.4f}  PPL {result['ppl']:.3f}  "
             f"tokens {result['tokens']:,}  ({result['protocol']})")
-    if args.results:
-        from ddlm.eval.records import append_jsonl, environment
-
-        append_jsonl(args.results, {"kind": "likelihood", "result": result, "environment": environment()})
     if result.get("warning"):
         print(f"ddlm: warning: {result['warning']}", file=sys.stderr)
     _emit(result, args.json, text)
+    if args.results:
+        sys.stdout.flush()
+        append_jsonl(args.results, {"kind": "likelihood", "result": result, "environment": environment()})
     return 0
 
 
@@ -103,8 +105,6 @@ def eval_generation(args, extra: list[str]) -> int:
                                   length=args.length or 0, judges=args.judge or [], seed=args.seed,
                                   prompts=args.conditional, overrides=extra)
     for record in records:
-        if args.results:
-            append_jsonl(args.results, record)
         r = record["result"]
         if args.json:
             print(json.dumps({k: v for k, v in record.items() if k not in ("config", "environment")}))
@@ -119,6 +119,9 @@ def eval_generation(args, extra: list[str]) -> int:
             print(f"{setting} top-p {r['top_p']:g}: NFE {r['nfe']:.0f}, {r['seconds_per_sample']:.3f} "
                   f"s/sample, entropy {r['unigram_entropy']:.3f}, distinct-4 {r['distinct'][4]:.3f}, "
                   f"repetition {r['repetition']:.3f}{judged}")
+    if args.results:  # after printing: a failed write loses no result
+        sys.stdout.flush()
+        append_jsonl(args.results, *records)
     return 0
 
 

@@ -444,20 +444,49 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a few kB; a bound read before parsing
+MAX_RECIPE_VALUES = 100_000  # values once aliases are expanded: an alias bomb stops here
+
+
 def load_recipe(path: str | Path) -> dict:
-    """Read a YAML or JSON recipe into a RunConfig dict."""
+    """Read a YAML or JSON recipe into a RunConfig dict. A file past MAX_RECIPE_BYTES, nesting past
+    the recursion limit, an alias that refers to itself, or aliases that expand past
+    MAX_RECIPE_VALUES values (a "billion laughs") are one line, refused before anything uses them."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe {str(path)!r} not found")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe {str(path)!r} holds {path.stat().st_size:,} bytes, more than a recipe's "
+                          f"{MAX_RECIPE_BYTES:,}")
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {str(path)!r} is nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must hold a mapping of sections")
+    _check_expansion(data, str(path))
     return data
+
+
+def _check_expansion(data: Any, name: str) -> None:
+    """Walk the recipe as its readers will, each alias expanded: refuse a value that contains
+    itself, or more than MAX_RECIPE_VALUES values in all."""
+    count, stack = 0, [(data, ())]
+    while stack:
+        value, above = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise ConfigError(f"recipe {name!r} expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases "
+                              f"repeated inside one another); write the values out")
+        if isinstance(value, (dict, list)):
+            if id(value) in above:
+                raise ConfigError(f"recipe {name!r} refers to itself (a YAML alias inside its own anchor)")
+            children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((child, (*above, id(value))) for child in children)
 
 
 def make_config(*, recipe: str | None = None, overrides: dict[str, str] | None = None,

@@ -1,4 +1,6 @@
 """One family of errors whose message is a single line a person can act on."""
+import os
+import re
 
 
 class DdlmError(Exception):
@@ -27,3 +29,18 @@ class DistributedError(DdlmError):
     that sees it says so, naming itself."""
 
     every_rank = True
+
+
+def write_failure(err: BaseException) -> str:
+    """Why a write failed, for a person: the system's reason in lower case ('no space left on
+    device'), also when a writer wraps it (torch raises its own error in the course of handling
+    the OSError; safetensors says '(os error 28)'), else the error's first line."""
+    cause: BaseException | None = err
+    while cause is not None:
+        code = getattr(cause, "errno", None)
+        found = re.search(r"os error (\d+)", str(cause)) if code is None else None
+        code = int(found.group(1)) if found else code
+        if isinstance(code, int) and code > 0:
+            return os.strerror(code).lower()
+        cause = cause.__cause__ or cause.__context__
+    return (str(err).splitlines() or [type(err).__name__])[0][:120]

@@ -23,18 +23,39 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def cache_dir() -> Path:
-    """Where ddlm caches token streams and probes ($DDLM_CACHE or ~/.cache/ddlm)."""
-    path = Path(os.environ.get("DDLM_CACHE", Path.home() / ".cache" / "ddlm"))
-    path.mkdir(parents=True, exist_ok=True)
+    """Where ddlm caches token streams and probes ($DDLM_CACHE or ~/.cache/ddlm); a DDLM_CACHE
+    that is a file, or cannot be created, is one line."""
+    path = Path(os.environ.get("DDLM_CACHE") or Path.home() / ".cache" / "ddlm")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"DDLM_CACHE='{path}' is a file, not a directory; point it at a directory for "
+                          f"ddlm's caches")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the cache directory '{path}' (DDLM_CACHE): {err.strerror}") from None
     return path
 
 
 def device() -> torch.device:
-    """CUDA when available (and not disabled by DDLM_DEVICE=cpu), else CPU."""
-    wanted = os.environ.get("DDLM_DEVICE", "")
-    if wanted:
-        return torch.device(wanted)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA when available, else CPU; DDLM_DEVICE (cpu, cuda, cuda:N) chooses, and a device that
+    does not exist or is not available here is one line."""
+    wanted = os.environ.get("DDLM_DEVICE", "").strip()
+    if not wanted:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(wanted)
+    except RuntimeError:
+        raise ConfigError(f"DDLM_DEVICE={wanted!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"DDLM_DEVICE={wanted!r}: ddlm runs on cpu or cuda (cuda:N)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"DDLM_DEVICE={wanted!r}, but CUDA is not available here; use DDLM_DEVICE=cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"DDLM_DEVICE={wanted!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
 
 
 def set_threads(n: int) -> None:
@@ -118,22 +139,31 @@ def probe_dtype(dev: torch.device | None = None, *, refresh: bool = False) -> di
     dev = dev or device()
     path = cache_dir() / "dtype_probe.json"
     key = _probe_key(dev)
-    cached = {}
-    if path.exists():
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            cached = {}
-    if key in cached and not refresh:
-        return cached[key]
+    cached = _read_probes(path)
+    verdict = cached.get(key)
+    if isinstance(verdict, dict) and verdict.get("choice") in DTYPES and not refresh:
+        return verdict
     rates = {name: matmul_rate(dt, dev=dev, seconds=0.3) for name, dt in DTYPES.items()}
     # bf16 must win clearly: it also costs precision, so a tie goes to fp32.
     rates["choice"] = "bf16" if rates["bf16"] > 1.3 * rates["fp32"] else "fp32"
     cached[key] = rates
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cached, indent=2))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(cached, indent=2))
+        os.replace(tmp, path)
+    except OSError:  # a cache that cannot be written is measured again next time
+        tmp.unlink(missing_ok=True)
     return rates
+
+
+def _read_probes(path: Path) -> dict:
+    """The cached probe verdicts, or {} when the file is missing or is not a JSON object (damaged
+    caches are measured again, never trusted)."""
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: not UTF-8, not JSON
+        return {}
+    return cached if isinstance(cached, dict) else {}
 
 
 def resolve_dtype(name: str, dev: torch.device | None = None) -> torch.dtype:

@@ -70,15 +70,18 @@ def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
         raise DataError(f"cannot write token cache '{path}': {exc.strerror or exc}") from None
 
 
-def _load_cached(path: Path, dtype: np.dtype) -> np.ndarray | None:
-    """The memory-mapped cached stream at `path`, or None if absent or unusable."""
+def _load_cached(path: Path, dtype: np.dtype, vocab_size: int) -> np.ndarray | None:
+    """The memory-mapped cached stream at `path`, or None if absent or unusable: not a 1-D array
+    of `dtype`, or holding an id past the vocabulary (which would index past the embedding)."""
     if not path.is_file():
         return None
     try:
         stream = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return None
-    return stream if stream.ndim == 1 and stream.dtype == dtype else None
+    if stream.ndim != 1 or stream.dtype != dtype:
+        return None
+    return stream if len(stream) == 0 or int(stream.max()) < vocab_size else None
 
 
 def encode_documents(
@@ -93,7 +96,7 @@ def encode_documents(
         return _encode_stream(tok, docs, add_bos_between)
     name = f"stream-{tok.name}-{fingerprint(tok)}-{_docs_digest(docs, add_bos_between)}.npy"
     path = Path(cache_dir) / name
-    cached = _load_cached(path, stream_dtype(tok))
+    cached = _load_cached(path, stream_dtype(tok), tok.vocab_size)
     if cached is not None:
         return cached
     _save_npy_atomic(path, _encode_stream(tok, docs, add_bos_between))
@@ -153,6 +156,7 @@ class BlockDataset:
     tokens: np.ndarray  # (N, L)
     valid: np.ndarray | None  # (N, L) bool, or None when every token is real
     chars_per_token: float  # normalised chars per non-special token, for BPC
+    digest: str = ""  # identifies the text (or token files) the rows come from; "" when unknown
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 2:
@@ -292,15 +296,16 @@ def _split_dataset(
     tok: Tokenizer, docs: list[str], seq_len: int, packing: str, cache_dir: str | Path | None
 ) -> BlockDataset:
     """BlockDataset of one split's documents."""
+    digest = _docs_digest(docs, False)
     if packing == "wrap":
         stream = encode_documents(tok, docs, cache_dir=cache_dir)
         n_chars = sum(len(tok.normalize(d)) for d in docs)
         n_tokens = _non_special_count(tok, stream)
         blocks = wrap_blocks(stream, seq_len)
-        return BlockDataset(blocks, None, n_chars / max(n_tokens, 1))
+        return BlockDataset(blocks, None, n_chars / max(n_tokens, 1), digest)
     rows, n_chars = _line_rows(tok, docs)
     tokens, valid = _pad_rows(tok, rows, seq_len)
-    return BlockDataset(tokens, valid, n_chars / max(sum(len(r) for r in rows), 1))
+    return BlockDataset(tokens, valid, n_chars / max(sum(len(r) for r in rows), 1), digest)
 
 
 def build_datasets(

@@ -233,8 +233,9 @@ def _verified(path: Path, sha256: str) -> bool:
     memo_path = runtime.cache_dir() / "prepared_checks.json"
     try:
         memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         memo = {}
+    memo = memo if isinstance(memo, dict) else {}
     if memo.get(key) == stamp:
         return True
     if sha256_file(path) != sha256:
@@ -305,7 +306,12 @@ class PreparedCorpus:
         else:
             tokens = PadRows(self.stream(split), self.offsets(split), seq_len, tok.bos_id, tok.eos_id, tok.pad_id)
             valid = PadValid(tokens)
-        return BlockDataset(tokens, valid, self.chars_per_token(split))
+        return BlockDataset(tokens, valid, self.chars_per_token(split), self.digest(split))
+
+    def digest(self, split: str) -> str:
+        """Identifies the split's token files (each checked against its sha256 when opened)."""
+        shards = "".join(str(s["sha256"]) for s in self.index["splits"][split]["shards"])
+        return hashlib.sha256(shards.encode()).hexdigest()[:16]
 
     def datasets(self, seq_len: int) -> dict:
         return {split: self.dataset(split, seq_len) for split in SPLITS}
@@ -329,6 +335,8 @@ def open_prepared(directory: str | Path, *, verify: bool = True) -> PreparedCorp
         index = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _bad(directory, f"index.json is not valid JSON ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise _bad(directory, "index.json is nested too deeply to be an index") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise _bad(directory, f"index.json is not a {FORMAT} index")
     if index.get("format_version") != FORMAT_VERSION:

@@ -482,6 +482,8 @@ def _bert_vocab_from_file(path: Path) -> list[str]:
         model = json.loads(text).get("model") or {}
     except (json.JSONDecodeError, AttributeError) as exc:
         raise DataError(f"bert vocabulary '{path}' is not valid tokenizer JSON: {exc}") from None
+    except RecursionError:
+        raise DataError(f"bert vocabulary '{path}' is nested too deeply to be tokenizer JSON") from None
     vocab = model.get("vocab") if model.get("type") == "WordPiece" else None
     if not isinstance(vocab, dict):
         raise DataError(f"'{path}' holds no WordPiece model with a vocab (type {model.get('type')!r})")
@@ -650,6 +652,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"tokenizer file '{path}' is not valid JSON: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise DataError(f"tokenizer file '{path}' is nested too deeply to be a tokenizer") from None
     try:
         return tokenizer_from_dict(d)
     except DataError as exc:

@@ -26,7 +26,7 @@ from ddlm.checkpoint import (SHARDED_META, SHARDED_STATE, latest_name, load_chec
                              weights_misfit)
 from ddlm.config import RunConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
-from ddlm.errors import ConfigError, DataError, DistributedError
+from ddlm.errors import ConfigError, DataError, DistributedError, write_failure
 from ddlm.eval.likelihood import evaluate_likelihood
 from ddlm.eval.records import read_jsonl
 from ddlm.progress import progress_bar
@@ -119,7 +119,16 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise ConfigError(f"cannot create run directory '{self.out_dir}': {err.strerror}") from None
-        return RunLock(self.out_dir).acquire()
+        lock = RunLock(self.out_dir).acquire()
+        probe = self.out_dir / f".write_probe.{os.getpid()}"
+        try:  # checkpoints and metrics are written by creating and renaming files here
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o644))
+            probe.unlink()
+        except OSError as err:
+            lock.release()
+            raise ConfigError(f"run directory '{self.out_dir}' is not writable ({err.strerror}); ddlm writes its "
+                              f"checkpoints and metrics there (choose another --out)") from None
+        return lock
 
     def _release(self) -> None:
         if self.lock is not None:
@@ -138,7 +147,10 @@ class Trainer:
         self.dtype = runtime.DTYPES[dist.on_main(
             lambda: runtime.dtype_name(runtime.resolve_dtype(cfg.dtype, self.device)))]
         source = previous or (resolve_checkpoint(cfg.init) if cfg.init else None)
-        tokenizer = tokenizer_from_dict(load_checkpoint(source).tokenizer_dict) if source else None
+        origin = load_checkpoint(source) if source else None
+        if origin is not None and previous is None:
+            refuse_another_tokenizer(run, origin.config, cfg.init)
+        tokenizer = tokenizer_from_dict(origin.tokenizer_dict) if origin else None
         # rank 0 builds the tokenizer and the token caches; the others then read them
         prepared = {}
 
@@ -148,6 +160,7 @@ class Trainer:
 
         tokenizer_dict = dist.on_main(prepare_on_main)
         self.tokenizer, self.datasets = prepared.get("main") or prepare_data(run, tokenizer_from_dict(tokenizer_dict))
+        self.data_digest = {split: self.datasets[split].digest for split in ("train", "valid")}
         self.method = build_method(run, self.tokenizer)
         self.run = complete_model_config(run, self.method, self.tokenizer.vocab_size)
         check_memory(self.run.model, training=True)
@@ -212,6 +225,7 @@ class Trainer:
     def _restore(self, ckpt: Path) -> None:
         """Resume from either layout of the resume state, whatever layout this run writes."""
         state = load_trainer_state(ckpt)
+        self._refuse_changed_data(state.get("data"), ckpt)
         if "sharded" in state:
             resume_state.load_sharded(state["sharded"], self.model, self.optimizer, self.ema)
             if self.ema is not None and state.get("ema") is not None:
@@ -223,6 +237,18 @@ class Trainer:
         runtime.set_rng_state(state["rng"])
         self.step = self.resumed_from = state["step"]
         self.dist.on_main(lambda: self._truncate_metrics(self.step))
+
+    def _refuse_changed_data(self, recorded, ckpt: Path) -> None:
+        """The corpus must give the token streams the run was trained on (their digests are in the
+        resume state): a corpus edited in place would resume on other text from the same position.
+        Checkpoints written before digests were recorded resume unchecked."""
+        if not isinstance(recorded, dict):
+            return
+        for split, digest in self.data_digest.items():
+            if digest and recorded.get(split) and recorded[split] != digest:
+                raise DataError(f"corpus {self.run.data.corpus!r} changed since {ckpt} was written (its {split} "
+                                f"split's digest was {recorded[split]}, it is now {digest}); resuming would go on "
+                                f"over other text: restore the corpus, or start again (--overwrite, another --out)")
 
     def _check_metrics_file(self) -> None:
         """metrics.jsonl is appended to and read back: it must be a regular file of the run
@@ -241,6 +267,7 @@ class Trainer:
         if not stat.S_ISREG(mode):
             raise ConfigError(f"'{path}' is not a regular file (a FIFO, device or socket); ddlm appends its "
                               f"metrics there: remove it or choose another --out")
+        read_jsonl(path)  # every whole line a record, before anything is appended or rewritten
 
     def _truncate_metrics(self, step: int) -> None:
         path = self.out_dir / "metrics.jsonl"
@@ -248,8 +275,12 @@ class Trainer:
             return
         keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]  # a torn last line is dropped
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in keep))
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"could not rewrite '{path}' ({write_failure(err)}); it is unchanged") from None
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> TrainResult:
@@ -473,7 +504,7 @@ class Trainer:
         weights = resume_state.inference_weights(self.model, self.ema, sharded=self.sharded,
                                                  is_main=self.dist.is_main)
         meta = {"step": self.step, "loader": self.loader.state_dict(), "rng": runtime.rng_state(),
-                "method": self.method.state_dict()}
+                "method": self.method.state_dict(), "data": self.data_digest}
         if not self.sharded:
             state = {**meta, **resume_state.whole_state(self.model, self.optimizer, self.ema)}
             return self.dist.on_main(lambda: save_checkpoint(
@@ -491,8 +522,15 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:  # a regular file (_check_metrics_file)
-            f.write(json.dumps(record) + "\n")
+        path = self.out_dir / "metrics.jsonl"
+        try:
+            with open(path, "a") as f:  # a regular file (_check_metrics_file)
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            kept = latest_name(self.out_dir)
+            raise ConfigError(f"could not append to '{path}' ({write_failure(err)}); "
+                              + (f"the last checkpoint {kept} is intact" if kept else "no checkpoint was written yet")
+                              ) from None
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
@@ -514,6 +552,20 @@ class Trainer:
     def _restore_signal_handlers(saved: dict) -> None:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+
+
+def refuse_another_tokenizer(run: RunConfig, init: RunConfig, path: str) -> None:
+    """A run started with --init uses that run's tokenizer, to whose ids its weights are tied: a
+    data.tokenizer (or BPE vocabulary) naming another is refused, so that config.json never says
+    one tokenizer while the run used another."""
+    mine, theirs = run.data, init.data
+    if mine.tokenizer != theirs.tokenizer:
+        raise ConfigError(f"train.init={path!r} was trained with the {theirs.tokenizer!r} tokenizer, to whose ids its "
+                          f"weights are tied; data.tokenizer={mine.tokenizer!r} contradicts it (leave --tokenizer "
+                          f"out to use {theirs.tokenizer!r})")
+    if mine.tokenizer == "bpe" and mine.bpe_vocab_size != theirs.bpe_vocab_size:
+        raise ConfigError(f"train.init={path!r} has a BPE vocabulary of {theirs.bpe_vocab_size}; "
+                          f"data.bpe_vocab_size={mine.bpe_vocab_size} contradicts it (leave it out)")
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
