@@ -483,13 +483,15 @@ def training_summary(run_dir: Path) -> dict:
 
 
 def read_stage(path: Path) -> dict | None:
-    """A finished stage's result, or None (missing, or torn by a kill: redo the stage)."""
+    """A finished stage's result, or None (missing, torn by a kill, or damaged: redo the stage)."""
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["result"]
-    except (json.JSONDecodeError, KeyError):
+        stage = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):  # ValueError: not JSON, or not UTF-8
         return None
+    result = stage.get("result") if isinstance(stage, dict) else None
+    return result if isinstance(result, dict) else None
 
 
 def write_json(path: Path, payload: dict, *, wrap: bool = True) -> None:
