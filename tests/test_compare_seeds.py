@@ -121,3 +121,17 @@ def test_two_seeds_run_end_to_end_into_per_seed_runs_and_one_report(tmp_path, mo
     assert results["provenance"]["commit"] is None or len(results["provenance"]["commit"]) == 40
     text = (out / "report.md").read_text()
     assert "| mdlm |" in text and "2 (" in text and "BPC ar < mdlm" in text
+
+
+def test_a_damaged_stage_file_is_redone_not_a_traceback(tmp_path):
+    from ddlm.compare.runner import read_stage
+
+    cases = {"deep": "[" * 200_000 + "]" * 200_000, "list": "[1, 2]", "result-a-list": '{"result": [1]}',
+             "not-utf8": b"\xff\xfe{", "torn": '{"result": {"bpc": 1'}
+    for name, text in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        assert read_stage(path) is None, name
+    good = tmp_path / "good.json"
+    good.write_text('{"result": {"bpc": 1.5}}')
+    assert read_stage(good) == {"bpc": 1.5}
