@@ -74,7 +74,8 @@ def torchrun(spec: dict, tmp: Path, *, nproc: int = 2, timeout: float = 300) -> 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(free_port()), str(WORKER), str(path)]
     done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert done.returncode == 0, "\n".join(errors[:20]) + "\n...\n" + done.stderr[-3000:]
     return json.loads(Path(spec["report"]).read_text())
 
 
