@@ -19,13 +19,8 @@ from ddlm.config import load_recipe, make_config
 from ddlm.errors import ConfigError, DataError
 from ddlm.train.loop import train
 
-TINY = {"method": "ar", "model": {"dim": 32, "n_layers": 1, "n_heads": 2},
-        "data": {"seq_len": 32},
-        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1, "eval_every": 0,
-                  "ckpt_every": 2, "progress": False, "dtype": "fp32", "threads": 1}}
-TINY_ARGS = ["--model.dim=32", "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=32",
-             "--train.batch_size=4", "--train.eval_every=0", "--train.dtype=fp32", "--train.threads=1",
-             "--train.progress=false", "--train.warmup_steps=1"]
+from test_defects import TINY, TINY_ARGS  # the same tiny run as the review's defects
+
 DEEP = "[" * 200_000 + "]" * 200_000  # past any recursion limit
 
 

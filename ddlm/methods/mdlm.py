@@ -142,11 +142,11 @@ class MDLM(DiffusionMethod):
     config_class = MDLMConfig
     bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps) + prior KL"
     likelihood_source = "MDLM Table 1, BD3-LM Table 3: MDLM below SEDD"
+    samplers = ("ancestral", "first_hitting")
 
     @classmethod
     def likelihood_rank(cls, options: dict) -> float | None:
         return 2.0
-    samplers = ("ancestral", "first_hitting")
 
     def __init__(self, cfg, **kw) -> None:
         super().__init__(cfg, **kw)
