@@ -237,6 +237,21 @@ def cmd_data(args, extra: list[str]) -> int:
     return 0
 
 
+# -- interop --------------------------------------------------------------------------------
+def cmd_import(args, extra: list[str]) -> int:
+    from ddlm.interop.import_ import import_model
+
+    if extra:
+        raise DdlmError(f"import takes no option {extra[0]}")
+    report = import_model(args.source, args.out, method=args.method, overwrite=args.overwrite)
+    size = report["model"]
+    _emit(report, args.json, f"imported {report['architecture']} from {report['source']} as a {report['method']} "
+                             f"run ({size['n_layers']} layers, dim {size['dim']}, {report['parameters']:,} "
+                             f"parameters, {report['tokenizer']} tokenizer, L={report['seq_len']}) into "
+                             f"{report['out']}; evaluate with: ddlm eval {report['out']}")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`ddlm: error: ...`, exit 2) instead of usage + error."""
 
@@ -348,6 +363,14 @@ def _data_args(s):
     s.add_argument("--overwrite", action="store_true", help="replace an existing prepared DIR")
 
 
+def _import_args(s):
+    s.add_argument("source", help="a local model folder: a transformers GPT-2 (config.json + safetensors), "
+                                   "the public MDLM / BD3-LM / SEDD checkpoints, or a folder `ddlm export` wrote")
+    s.add_argument("--out", required=True, help="run directory to write")
+    s.add_argument("--method", default=None, help="the ddlm method (default: inferred from the folder)")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
+
+
 COMMANDS = [
     ("train", cmd_train, "train a model (resumes when --out holds the same run)"),
     ("eval", cmd_eval, "likelihood of a checkpoint: BPC, PPL, tokens (a bound for diffusion methods)"),
@@ -358,9 +381,11 @@ COMMANDS = [
     ("quickstart", cmd_quickstart, "train small AR and MDLM models on Austen, show samples and BPC"),
     ("data", cmd_data, "data prepare SOURCE --tokenizer T --out DIR: tokenize a corpus once, in parallel, "
                        "into sharded memory-mapped token files that training reads in place"),
+    ("import", cmd_import, "import a published model folder (GPT-2, MDLM, BD3-LM, SEDD; safetensors only) "
+                           "as a ddlm run directory"),
 ]
 ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "info": _info_args, "compare": _compare_args,
-             "quickstart": _quickstart_args, "data": _data_args}
+             "quickstart": _quickstart_args, "data": _data_args, "import": _import_args}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ def _check(ok: bool, message: str) -> None:
 
 
 BLOCKS = ("auto", "plain", "gated")
+POSITIONS = ("rotary", "learned")
 
 
 @dataclass
@@ -52,6 +53,17 @@ class ModelConfig:
     """Context length; set from data.seq_len."""
     time_conditioning: bool = False
     """Set by the method: whether blocks are modulated by a noise level (adaLN)."""
+    positions: str = "rotary"
+    """rotary (RoPE in every attention) | learned (a table of max_len absolute position embeddings
+    added to the token embeddings, as GPT-2)."""
+    bias: bool = False
+    """Plain block: biases in the attention and MLP linear maps (GPT-2); the gated block's MLP
+    always has them."""
+    tie_embeddings: bool = False
+    """The output layer is the token embedding (GPT-2): one matrix, no output bias."""
+    output_vocab: int = 0
+    """When > 0, ids >= output_vocab are never emitted: their logits are floored (ddlm's mask and pad
+    ids appended to an imported model's vocabulary). 0: every id is an output."""
 
     def __post_init__(self) -> None:
         _check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,
@@ -66,6 +78,10 @@ class ModelConfig:
         _check(self.rope_base > 0, f"model.rope_base={self.rope_base} must be positive")
         _check(self.cond_dim >= 1, f"model.cond_dim={self.cond_dim} must be >= 1")
         _check(self.block in BLOCKS, f"model.block={self.block!r} must be one of: {', '.join(BLOCKS)}")
+        _check(self.positions in POSITIONS,
+               f"model.positions={self.positions!r} must be one of: {', '.join(POSITIONS)}")
+        _check(self.output_vocab >= 0 and (not self.vocab_size or self.output_vocab <= self.vocab_size),
+               f"model.output_vocab={self.output_vocab} must be in [0, vocab_size={self.vocab_size}]")
 
     @property
     def head_dim(self) -> int:

@@ -11,6 +11,9 @@ Two kinds of block (`ModelConfig.block`):
          identity; MLP biases, LayerNorm weights. When the method does not feed the noise level,
          sigma = 0 and c is a learned constant: the output then does not depend on t (MDLM's
          no-change cache stays valid).
+Positions are rotary by default; `positions=learned` with `bias` and `tie_embeddings` makes the plain
+block GPT-2's (learned absolute positions, biases everywhere, the output layer the embedding), so
+GPT-2 checkpoints import exactly.
 Conditioning may be per sequence, sigma (B,) or (B, 1), or per position: (B, L), or (B, K) with K
 dividing L, each of K equal contiguous groups of positions sharing one noise level (one per block).
 """
@@ -123,10 +126,13 @@ class RotaryQKV(torch.autograd.Function):
         return grad, None, None
 
 
-def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """qkv (B, L, 3, H, hd) -> q, k rotated and v, each (B, H, L, hd). Eager: RotaryQKV's fused
-    passes. Under torch.compile: the same rotation written functionally (Dynamo cannot trace the
-    `out=` writes into strided views that make the eager form fast; the compiler fuses this one)."""
+def rotary_qkv(qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """qkv (B, L, 3, H, hd) -> q, k rotated and v, each (B, H, L, hd); cos None: not rotated
+    (learned positions). Eager: RotaryQKV's fused passes. Under torch.compile: the same rotation
+    written functionally (Dynamo cannot trace the `out=` writes into strided views that make the
+    eager form fast; the compiler fuses this one)."""
+    if cos is None:
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)
     if not torch.compiler.is_compiling():
         return RotaryQKV.apply(qkv, cos, sin)
     cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
@@ -222,11 +228,11 @@ class Block(nn.Module):
         hidden = int(cfg.mlp_ratio * cfg.dim)
         gated = cfg.block == "gated"
         self.norm1 = make_norm(cfg)
-        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
-        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=cfg.bias)
         self.norm2 = make_norm(cfg)
-        self.fc = nn.Linear(cfg.dim, hidden, bias=gated)
-        self.fc_out = nn.Linear(hidden, cfg.dim, bias=gated)
+        self.fc = nn.Linear(cfg.dim, hidden, bias=gated or cfg.bias)
+        self.fc_out = nn.Linear(hidden, cfg.dim, bias=gated or cfg.bias)
         conditioned = gated or cfg.time_conditioning
         self.modulation = nn.Linear(cfg.cond_dim, 6 * cfg.dim) if conditioned else None
 
@@ -284,6 +290,10 @@ class Block(nn.Module):
         return F.dropout(y, self.dropout, self.training) if self.dropout else y
 
 
+LOGIT_FLOOR = -1e4  # the logit of an id that is never emitted: exp(-1e4) is 0 in float32, unlike -inf
+                   # it leaves entropies and p * log p finite
+
+
 class Transformer(nn.Module):
     """tokens (B, L) -> logits (B, L, V) in float32."""
 
@@ -297,13 +307,33 @@ class Transformer(nn.Module):
         gated = cfg.block == "gated"
         conditioned = gated or cfg.time_conditioning
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, 2 * cfg.max_len)  # past it: computed
+        learned = cfg.positions == "learned"
+        self.pos_embed = nn.Embedding(cfg.max_len, cfg.dim) if learned else None
+        self.rotary = None if learned else Rotary(cfg.head_dim, cfg.rope_base, 2 * cfg.max_len)  # past it: computed
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=gated)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=gated and not cfg.tie_embeddings)
+        if cfg.tie_embeddings:
+            self.tie_weights()
         self.noise_embed = NoiseEmbedding(cfg.cond_dim) if conditioned else None
         self.final_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.dim) if conditioned else None
         self._init_gated() if gated else self._init_weights()
+
+    def tie_weights(self) -> None:
+        """The output layer reads the token embedding's matrix (after `.to_empty()` too). The state
+        dict holds it once, as embed.weight (safetensors refuses two names for one tensor)."""
+        self.head.weight = self.embed.weight
+        if not getattr(self, "_tie_hooks", False):
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_restore_tied_head)
+            self._tie_hooks = True
+
+    def _apply(self, fn, recurse: bool = True):
+        """Moves and casts keep the tie: a move to or from the meta device makes new parameters."""
+        out = super()._apply(fn, recurse)
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        return out
 
     def init_buffers(self) -> None:
         """Recompute the derived tables (rotary, noise frequencies) in place on the device they are
@@ -358,9 +388,13 @@ class Transformer(nn.Module):
         final normalised states (B, L or n, D) that the output layer would read."""
         B, L = tokens.shape
         offset = cache.length if cache is not None else 0  # a Python int: slicing reads no tensor
-        cos, sin = self.rotary.span(offset, L) if positions is None else self.rotary.cos_sin(positions)
         cond = self.conditioning(sigma, B, tokens.device)  # (B or 1, K, cond_dim) or None
         h = self.embed(tokens)  # (B, L, D)
+        if self.rotary is None:
+            cos = sin = None
+            h = h + self.position_embedding(offset, L, positions)
+        else:
+            cos, sin = self.rotary.span(offset, L) if positions is None else self.rotary.cos_sin(positions)
         if embed_offset is not None:
             h = h + embed_offset.to(h.dtype)
         # How many rows are scored depends on the mask drawn, so this is data-dependent by nature:
@@ -378,7 +412,24 @@ class Transformer(nn.Module):
         h = self.final_norm(h, cond, L, n, rows)
         if cache is not None and cache_write:
             cache.advance(L)
-        return h if hidden else self.head(h).float()
+        return h if hidden else self.output(h)
+
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """Final states (..., D) -> logits (..., V) float32, ids from output_vocab on floored."""
+        logits = self.head(h).float()
+        emitted = self.cfg.output_vocab
+        if emitted and emitted < logits.shape[-1]:
+            logits = F.pad(logits[..., :emitted], (0, logits.shape[-1] - emitted), value=LOGIT_FLOOR)
+        return logits
+
+    def position_embedding(self, offset: int, length: int, positions: torch.Tensor | None) -> torch.Tensor:
+        """Learned absolute positions: (L, D) for offset .. offset + L - 1, or for `positions` (L,)."""
+        if positions is None:
+            if offset + length > self.cfg.max_len:
+                raise ValueError(f"positions up to {offset + length} exceed the model's {self.cfg.max_len} "
+                                 "learned positions")
+            return self.pos_embed.weight[offset:offset + length]
+        return self.pos_embed(positions.to(self.pos_embed.weight.device))
 
     def final_norm(self, h: torch.Tensor, cond: torch.Tensor | None, L: int, n: int,
                    rows: torch.Tensor | None) -> torch.Tensor:
@@ -406,6 +457,16 @@ class Transformer(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+
+def _drop_tied_head(module: Transformer, state: dict, prefix: str, local_metadata) -> None:
+    state.pop(prefix + "head.weight", None)
+
+
+def _restore_tied_head(module: Transformer, state: dict, prefix: str, local_metadata, strict,
+                       missing_keys, unexpected_keys, error_msgs) -> None:
+    if prefix + "embed.weight" in state:
+        state.setdefault(prefix + "head.weight", state[prefix + "embed.weight"])
 
 
 def init_buffers(model: nn.Module) -> None:

@@ -1,0 +1,52 @@
+"""`ddlm import SRC --out DIR`: a model folder from elsewhere as an ordinary ddlm run directory.
+
+Each format has a module with `detect(src) -> bool` and an importer returning `Imported`; the
+first format that recognises the folder imports it. Only safetensors weights are read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ddlm.errors import CheckpointError, ConfigError
+from ddlm.interop.rundir import Imported, write_run
+
+
+def _gpt2(src: Path, method: str | None) -> Imported | None:
+    from ddlm.interop import gpt2
+
+    if not gpt2.detect(src):
+        return None
+    if method not in (None, "ar"):
+        raise ConfigError(f"'{src}' is GPT-2, an autoregressive model: it imports as --method ar, not {method}")
+    return gpt2.import_gpt2(src)
+
+
+FORMATS = (("gpt2", _gpt2),)
+
+
+def read_source(src: str | Path, method: str | None = None) -> Imported:
+    """The model in folder `src`, mapped onto ddlm (`method` overrides the inferred one where the
+    format allows it)."""
+    src = Path(src)
+    if not src.is_dir():
+        raise ConfigError(f"import source '{src}' is not a folder (download the model first, e.g. with "
+                          "huggingface-cli download, and pass its local folder)")
+    for _, importer in FORMATS:
+        imported = importer(src, method)
+        if imported is not None:
+            return imported
+    names = ", ".join(name for name, _ in FORMATS)
+    raise CheckpointError(f"'{src}' is not a model ddlm can import (known: {names}); expected a config.json "
+                          "naming the architecture and safetensors weights")
+
+
+def import_model(src: str | Path, out: str | Path, *, method: str | None = None, overwrite: bool = False) -> dict:
+    """Import `src` into run directory `out`; returns what was written."""
+    imported = read_source(src, method)
+    checkpoint = write_run(imported, out, overwrite=overwrite)
+    model = imported.run.model
+    return {"out": str(out), "checkpoint": str(checkpoint), "source": imported.source,
+            "architecture": imported.architecture, "method": imported.run.method,
+            "tokenizer": imported.run.data.tokenizer, "seq_len": imported.run.data.seq_len,
+            "parameters": sum(v.numel() for k, v in imported.weights.items()),
+            "model": {"dim": model.dim, "n_layers": model.n_layers, "n_heads": model.n_heads}}
