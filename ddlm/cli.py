@@ -96,6 +96,7 @@ def _numbers(text: str, kind, flag: str) -> list:
 def eval_generation(args, extra: list[str]) -> int:
     from ddlm.eval.records import append_jsonl
     from ddlm.eval.run import evaluate_generation
+    from ddlm.methods.base import method_class
 
     steps = _numbers(args.gen_steps, int, "--gen-steps")
     top_ps = _numbers(args.top_p, float, "--top-p")
@@ -115,7 +116,7 @@ def eval_generation(args, extra: list[str]) -> int:
         else:
             judged = "".join(f"; {name}: gen PPL {j['gen_ppl']:.2f}, {j['bits_per_byte']:.3f} bits/byte"
                              for name, j in r["judges"].items())
-            setting = "AR" if record["method"] == "ar" else f"T={r['steps']}"
+            setting = f"T={r['steps']}" if method_class(record["method"]).has_steps else record["method"].upper()
             print(f"{setting} top-p {r['top_p']:g}: NFE {r['nfe']:.0f}, {r['seconds_per_sample']:.3f} "
                   f"s/sample, entropy {r['unigram_entropy']:.3f}, distinct-4 {r['distinct'][4]:.3f}, "
                   f"repetition {r['repetition']:.3f}{judged}")
@@ -273,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train_args(s):
-    s.add_argument("--method", help="ar | mdlm | sedd | bd3 | edlm")
+    from ddlm.methods.base import method_names
+
+    s.add_argument("--method", help=" | ".join(method_names()))
     s.add_argument("--data", help="austen | text8:PATH | hf:PATH | PATH.txt | prepared:DIR (default austen)")
     s.add_argument("--tokenizer", help="char | byte | bpe | cl100k | gpt2 | bert[:VOCAB] (default char)")
     s.add_argument("--out", required=True, help="run directory (resumed if it holds this run)")

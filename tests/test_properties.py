@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from ddlm.cli import main
 from ddlm.config import SECTIONS, make_config
 from ddlm.errors import DdlmError
+from ddlm.methods.base import method_names
 
 FIELDS = [f"{section}.{name}" for section, cls in SECTIONS.items()
           for name in cls.__dataclass_fields__ if name not in ("vocab_size", "max_len")]
@@ -23,7 +24,7 @@ def one_line(err: Exception) -> bool:
 
 
 @QUICK
-@given(field=st.sampled_from(FIELDS), value=VALUES, method=st.sampled_from(["ar", "mdlm", "sedd", "bd3"]))
+@given(field=st.sampled_from(FIELDS), value=VALUES, method=st.sampled_from(method_names()))
 def test_any_config_value_builds_or_is_one_line(field, value, method):
     try:
         make_config(base={"method": method}, overrides={field: str(value)})

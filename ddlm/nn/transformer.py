@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddlm.config import ModelConfig
+from ddlm.nn.config import ModelConfig
 from ddlm.nn.attention import KVCache, MaskSpec, attend, first_queries
 
 
