@@ -18,6 +18,9 @@ from ddlm.errors import ConfigError
 from ddlm.nn.config import BLOCKS, POSITIONS, ModelConfig  # noqa: F401  (the backbone's, re-exported)
 
 
+LOG_SINKS = ("jsonl", "tensorboard", "wandb")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -101,6 +104,9 @@ class TrainConfig:
     """Checkpoints kept on disk."""
     log_every: int = 10
     """Write a metrics line every N steps."""
+    log: str = "jsonl"
+    """Where metrics go besides metrics.jsonl (always written): jsonl (nowhere else) | tensorboard |
+    wandb (offline unless WANDB_MODE says otherwise) | tensorboard,wandb."""
     threads: int = 0
     """torch intra-op threads (0: all cores)."""
     progress: bool = True
@@ -130,6 +136,9 @@ class TrainConfig:
                f"train.dtype={self.dtype!r} must be auto, fp32 or bf16")
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
         _check(self.keep_ckpts >= 1, f"train.keep_ckpts={self.keep_ckpts} must be >= 1")
+        sinks = self.log.split(",")
+        _check(all(sink in LOG_SINKS for sink in sinks) and len(set(sinks)) == len(sinks),
+               f"train.log={self.log!r} must be jsonl, tensorboard, wandb or tensorboard,wandb")
         _check(self.log_every >= 1, f"train.log_every={self.log_every} must be >= 1")
         _check(self.eval_every >= 0 and self.ckpt_every >= 0 and self.eval_batches >= 1,
                "train.eval_every, train.ckpt_every must be >= 0 and train.eval_batches >= 1")
