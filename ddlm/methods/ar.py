@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, register
+from ddlm.errors import ConfigError
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, counted_weights, register
 
 
 @dataclass
@@ -53,9 +54,16 @@ class AR(Method):
         return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
 
     @torch.no_grad()
-    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, given=None, generator=None) -> NLLBound:
+        """The exact NLL of the counted tokens; with a `given` prefix (B, L) it is the exact
+        -log p(continuation | prefix): the prefix is read through the causal mask and not counted."""
         out = self.loss(model, x0, loss_mask=loss_mask)
-        return NLLBound(nll=out.token_nll.double().sum(1), tokens=out.weights.double().sum(1), exact=True)
+        nll, weights = out.token_nll.double(), out.weights.double()
+        if given is not None:
+            if (given[:, 1:] & ~given[:, :-1]).any():
+                raise ConfigError("AR conditions on a prefix only: `given` must mark the first positions of each row")
+            nll, weights = nll.masked_fill(given, 0.0), counted_weights(x0, weights, given)
+        return NLLBound(nll=nll.sum(1), tokens=weights.sum(1), exact=True)
 
     def sampler(self, cfg):
         from ddlm.sampling.ar import ARSampler

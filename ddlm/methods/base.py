@@ -9,7 +9,10 @@ evaluator, CLI, samplers) only ever talks to this interface:
                                                the trainer leaves out of the optimizer and EMA
     adopt_weights(model, weights, source)      map another run's weights onto that model (--init)
     loss(model, x0, *, t=None, loss_mask=None) -> LossOutput
-    nll_bound(model, x0, *, n_samples, loss_mask, generator) -> NLLBound   (if has_likelihood)
+    nll_bound(model, x0, *, n_samples, loss_mask, given, generator) -> NLLBound   (if has_likelihood)
+                                               given (B, L) bool: a clean context, never corrupted
+                                               and not counted (the bound is then on the other
+                                               positions given it: lm-eval's loglikelihood)
     sampler(sample_cfg) -> Sampler             options chosen at sample time
     adapt(model, batches) -> dict              optional: state tuned on held-out batches every
                                                `adapt_every` steps (state_dict / load_state_dict)
@@ -106,8 +109,10 @@ class Method:
         raise NotImplementedError
 
     def nll_bound(self, model: Callable, x0: torch.Tensor, *, n_samples: int = 1,
-                  loss_mask: torch.Tensor | None = None,
+                  loss_mask: torch.Tensor | None = None, given: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> NLLBound:
+        """Upper bound on -log p(x0 at the counted positions | x0 at the `given` positions): the
+        given positions (B, L) bool are clean at every t and not counted; None: no context."""
         raise NotImplementedError
 
     def sampler(self, cfg: Any):
@@ -162,6 +167,20 @@ class Method:
         if name not in self.samplers:
             raise ConfigError(f"unknown {self.name} sampler {name!r}; choose one of: {', '.join(self.samplers)}")
         return name
+
+
+def counted_weights(x0: torch.Tensor, loss_mask: torch.Tensor | None,
+                    given: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) float64 weights of a bound's counted tokens: loss_mask (default every token), and
+    never a `given` (context) position."""
+    weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
+        else loss_mask.to(torch.float64)
+    if given is None:
+        return weights
+    if given.shape != x0.shape or given.dtype != torch.bool:
+        raise ConfigError(f"given must be a bool tensor of the tokens' shape {tuple(x0.shape)}; "
+                          f"got {given.dtype} {tuple(given.shape)}")
+    return weights.masked_fill(given, 0.0)
 
 
 _REGISTRY: dict[str, type[Method]] = {}

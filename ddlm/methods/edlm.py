@@ -60,8 +60,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, NLLBound, register
+from ddlm.methods.base import LossOutput, NLLBound, counted_weights, register
 from ddlm.methods.mdlm import MDLM, MDLMConfig
+from ddlm.methods.noise import keep_given
 from ddlm.nn.transformer import Transformer
 from ddlm.sampling.base import Generators, gumbel_argmax
 
@@ -328,16 +329,16 @@ class EDLM(MDLM):
     # ---- likelihood --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, given=None, generator=None) -> NLLBound:
         """B_k per sequence in nats (float64), averaged over n_samples draws of (t, x_t); see the
-        module docstring."""
+        module docstring. `given` positions stay unmasked in x_t (the sampler's prompt) and are
+        not counted: the bound of the sampler run with that context."""
         B, L = x0.shape
-        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
-            else loss_mask.to(torch.float64)
+        weights = counted_weights(x0, loss_mask, given)
         total = torch.zeros(B, dtype=torch.float64, device=x0.device)
         for t in self.eval_times(B, L, n_samples, generator=generator, device=x0.device):
             t = t.reshape(B)
-            zt = self.corrupt(x0, t[:, None], generator)
+            zt = keep_given(x0, self.corrupt(x0, t[:, None], generator), given)
             logp = self.log_x_theta(model, zt, t[:, None], dtype=torch.float64)
             nll = -logp.gather(-1, x0[..., None]).squeeze(-1)  # (B, L), 0 where unmasked
             masked = zt == self.mask_id

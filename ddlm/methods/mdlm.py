@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.methods.base import register
-from ddlm.methods.noise import DiffusionMethod, NoiseConfig, stratified_uniform, time_per_position
+from ddlm.methods.noise import DiffusionMethod, NoiseConfig, keep_given, stratified_uniform, time_per_position
 
 
 @dataclass
@@ -236,9 +236,10 @@ class MDLM(DiffusionMethod):
         out[at] = rows
         return out
 
-    def sampled_nll(self, model, x0, t, generator=None, *, dtype=torch.float64) -> torch.Tensor:
-        """(B, L) token_loss at z_t ~ q(z_t | x0), one t per sequence."""
-        return self.token_loss(model, x0, self.corrupt(x0, t, generator), t, dtype=dtype)
+    def sampled_nll(self, model, x0, t, generator=None, *, dtype=torch.float64, given=None) -> torch.Tensor:
+        """(B, L) token_loss at z_t ~ q(z_t | x0), one t per sequence; `given` positions stay
+        unmasked, so SUBS carries them over and they add exactly 0."""
+        return self.token_loss(model, x0, keep_given(x0, self.corrupt(x0, t, generator), given), t, dtype=dtype)
 
     def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, L) alpha_1 log(V - 1): KL(q(z_1 | x) || (1 - alpha_1) MASK + alpha_1 Uniform)."""

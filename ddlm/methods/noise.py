@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ddlm.errors import ConfigError
-from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound
+from ddlm.methods.base import LossOutput, Method, MethodConfig, NLLBound, counted_weights
 from ddlm.nn.transformer import positions_of
 from ddlm.process.schedules import SCHEDULES, Schedule, build_schedule
 
@@ -77,6 +77,11 @@ def sample_times(cfg: NoiseConfig, n: int, *, generator=None, device=None) -> to
     return cfg.sampling_eps + (1 - cfg.sampling_eps) * u
 
 
+def keep_given(x0: torch.Tensor, xt: torch.Tensor, given: torch.Tensor | None) -> torch.Tensor:
+    """x_t (B, L) with the `given` positions (B, L) bool reset to x0: a context never corrupted."""
+    return xt if given is None else torch.where(given, x0, xt)
+
+
 class DiffusionMethod(Method):
     """Base of MDLM and SEDD. A subclass defines `sampled_nll`, the (B, L) bound integrand at times
     t (B, 1) or (B, L) with x_t drawn inside, and `prior_nll`, the bound's prior term."""
@@ -115,7 +120,8 @@ class DiffusionMethod(Method):
         return self.sample_t(batch * n_samples, generator=generator, device=device).view(n_samples, batch, 1)
 
     def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
-                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float64, given: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) integrand at x_t drawn inside, the `given` positions kept clean (`keep_given`)."""
         raise NotImplementedError
 
     def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,7 @@ class DiffusionMethod(Method):
         return LossOutput(loss=nll.sum() / weights.sum().clamp_min(1), token_nll=nll, weights=weights)
 
     @torch.no_grad()
-    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, generator=None) -> NLLBound:
+    def nll_bound(self, model, x0, *, n_samples=1, loss_mask=None, given=None, generator=None) -> NLLBound:
         """Per-sequence bound in nats (float64), averaged over n_samples draws of (t, x_t), plus
         the prior term.
 
@@ -144,13 +150,16 @@ class DiffusionMethod(Method):
         log-probabilities in float64. Counted tokens: loss_mask, default all L tokens (the
         AR rule, so both count the same tokens; pass loss_mask = x0 != pad for padded data). `nll`
         is the mean over samples, so a standard error can be taken across sequences.
+
+        Conditional bound: positions `given` (B, L) bool are clean in every x_t and not counted
+        (integrand and prior), so `nll` bounds -log p(x0 elsewhere | x0 at given): the forward
+        process runs on the other positions only, and the denoiser reads the context clean.
         """
         B, L = x0.shape
         t_all = self.eval_times(B, L, n_samples, generator=generator, device=x0.device)
-        weights = torch.ones(x0.shape, dtype=torch.float64, device=x0.device) if loss_mask is None \
-            else loss_mask.to(torch.float64)
+        weights = counted_weights(x0, loss_mask, given)
         total = torch.zeros(B, dtype=torch.float64, device=x0.device)
         for t in t_all:
-            total += (self.sampled_nll(model, x0, time_per_position(t, L), generator) * weights).sum(1)
+            total += (self.sampled_nll(model, x0, time_per_position(t, L), generator, given=given) * weights).sum(1)
         prior = (self.prior_nll(x0) * weights).sum(1)
         return NLLBound(nll=total / n_samples + prior, tokens=weights.sum(1), exact=False)

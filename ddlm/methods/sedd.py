@@ -23,7 +23,7 @@ import torch
 
 from ddlm.errors import ConfigError
 from ddlm.methods.base import register
-from ddlm.methods.noise import DiffusionMethod, NoiseConfig
+from ddlm.methods.noise import DiffusionMethod, NoiseConfig, keep_given
 from ddlm.process.graphs import GRAPHS, Absorbing, Graph, build_graph
 from ddlm.sampling.score import PREDICTORS
 
@@ -116,11 +116,14 @@ class SEDD(DiffusionMethod):
         return score_entropy(log_s, ratio, self.graph.rate_into(xt, dtype=log_s.dtype))
 
     def sampled_nll(self, model, x0: torch.Tensor, t: torch.Tensor, generator=None, *,
-                    dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """(B, L): sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0); t (B, 1) or (B, L)."""
+                    dtype: torch.dtype = torch.float64, given=None) -> torch.Tensor:
+        """(B, L): sigma(t) DSE_l at x_t ~ p_{t|0}(. | x0); t (B, 1) or (B, L). `given` positions
+        stay x0: no rate flows into them under the conditional process, so nll_bound drops their
+        terms and prior (absorbing: an unmasked position's DSE is 0 anyway; uniform: it is not, as
+        the score of changing a clean token is still defined)."""
         t = t.to(torch.float64)
         sigma_bar = self.schedule.total_noise(t)
-        xt = self.graph.corrupt(x0, sigma_bar.expand(x0.shape), generator)
+        xt = keep_given(x0, self.graph.corrupt(x0, sigma_bar.expand(x0.shape), generator), given)
         rate = self.schedule.rate(t)
         return rate.to(dtype) * self.position_dse(model, x0, xt, t, dtype=dtype)
 
