@@ -18,6 +18,13 @@ with their options) and how every row is evaluated. See recipes/*.yaml.
 
 "@NAME" in an option names another row's run directory; the judge "ar" is the row named ar.
 
+`zero_shot` (optional) scores every row, seed by seed, on other corpora with the papers' zero-shot
+protocol (ddlm.eval.zero_shot), for the report's zero-shot table:
+
+    zero_shot:
+      - {name: ptb, data: hf:data/ptb_text_only}                 # detokenizer from the folder name
+      - {name: lambada, data: data/lambada_test.jsonl, detokenizer: lambada, protocol: mdlm}
+
 `seeds: N` (default 1) trains every row N times, with train.seed = the base seed + k for
 k = 0..N-1 (a row may set its own `seeds`; a row sampled from another has that row's seeds). Seed k
 of a row lives in runs/<row> (k = 0) or runs/<row>-seed<k>, starts from (init) and refers to ("@")
@@ -101,6 +108,15 @@ class Conditional:
 
 
 @dataclass
+class ZeroShot:
+    name: str = ""  # the report's column (letters, digits, . _ + -)
+    data: str = ""  # hf:PATH, FILE.txt (a document per line) or FILE.jsonl ({"text": ...} per line)
+    detokenizer: str = ""  # "": the one the name or path says (ddlm.data.detokenizers); "none"; a name
+    split: str = "valid"  # the dataset's split (a single Dataset, a file: every row)
+    protocol: str = "mdlm"  # how documents become windows: mdlm, sedd, bd3 (ddlm.eval.zero_shot)
+
+
+@dataclass
 class Recipe:
     name: str
     base: dict
@@ -114,6 +130,7 @@ class Recipe:
     scale: str = ""  # the scale applied ("": the recipe as written)
     tokenizer_fallback: str = ""  # the applied scale's tokenizer when the recipe's is unavailable
     seeds: int = 1  # training seeds of every row (a row may set its own)
+    zero_shot: list[ZeroShot] = field(default_factory=list)  # corpora every row is also scored on
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -274,7 +291,7 @@ def parse_recipe(data: dict, path: str = "", *, scale: str | None = None) -> Rec
     for key in ("base", "evaluate"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ConfigError(f"{key} of recipe {path!r} must be a mapping, got {_short(data[key])}")
-    known = {"name", "description", "base", "rows", "evaluate", "scales", "seeds"}
+    known = {"name", "description", "base", "rows", "evaluate", "scales", "seeds", "zero_shot"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown recipe key {unknown[0]!r}; expected one of: {', '.join(sorted(known))}")
@@ -295,9 +312,39 @@ def parse_recipe(data: dict, path: str = "", *, scale: str | None = None) -> Rec
                     generation=_section(Generation, evaluate.get("generation"), "evaluate.generation"),
                     conditional=_section(Conditional, evaluate.get("conditional"), "evaluate.conditional"),
                     scales=list(scales), scale=scale or "",
-                    tokenizer_fallback=str(scales[scale].get("tokenizer_fallback") or "") if scale else "")
+                    tokenizer_fallback=str(scales[scale].get("tokenizer_fallback") or "") if scale else "",
+                    zero_shot=zero_shot_corpora(data.get("zero_shot"), path))
     check_rows(recipe)
     return recipe
+
+
+def zero_shot_corpora(values, path: str = "") -> list[ZeroShot]:
+    """The recipe's `zero_shot` list: named corpora with a known detokenizer, split and protocol."""
+    from ddlm.data.detokenizers import DETOKENIZERS
+    from ddlm.eval.zero_shot import PROTOCOLS
+
+    if values is None:
+        return []
+    if not isinstance(values, list):
+        raise ConfigError(f"zero_shot of recipe {path!r} must be a list of {{name, data}} mappings, "
+                          f"got {_short(values)}")
+    corpora = [_section(ZeroShot, v, f"zero_shot[{i}]") for i, v in enumerate(values)]
+    names = [z.name for z in corpora]
+    for i, z in enumerate(corpora):
+        where = f"zero_shot[{i}]"
+        if not ROW_NAME.fullmatch(z.name) or names.count(z.name) > 1:
+            raise ConfigError(f"{where}.name {z.name[:60]!r} must be a plain name (letters, digits, . _ + -; "
+                              f"at most 64), used once")
+        if not z.data.strip():
+            raise ConfigError(f"{where}.data must name a corpus (hf:PATH, FILE.txt or FILE.jsonl)")
+        if z.detokenizer not in ("", "none", *DETOKENIZERS):
+            raise ConfigError(f"{where}.detokenizer={z.detokenizer!r} must be empty (from the name), none, or "
+                              f"one of: {', '.join(DETOKENIZERS)}")
+        if z.split not in ("train", "valid", "validation", "test"):
+            raise ConfigError(f"{where}.split={z.split!r} must be train, valid or test")
+        if z.protocol not in PROTOCOLS:
+            raise ConfigError(f"{where}.protocol={z.protocol!r} must be one of: {', '.join(PROTOCOLS)}")
+    return corpora
 
 
 ROW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")

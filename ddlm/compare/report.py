@@ -75,7 +75,17 @@ def trained(row: dict) -> bool:
 # ---- estimates --------------------------------------------------------------------------------
 def likelihood(row: dict, key: str = "bpc") -> Estimate | None:
     """The row's test BPC (or, with key 'nats_per_token', its log perplexity) over its seeds."""
-    liks = [r["likelihood"] for r in runs(row) if r.get("likelihood") and "bpc" in r["likelihood"]]
+    return _over_seeds([r["likelihood"] for r in runs(row) if r.get("likelihood") and "bpc" in r["likelihood"]], key)
+
+
+def zero_shot(row: dict, corpus: str, key: str = "bpc") -> Estimate | None:
+    """The row's BPC (or log PPL, key 'nats_per_token') on zero-shot corpus `corpus` over its seeds."""
+    return _over_seeds([r["zero_shot"][corpus] for r in runs(row)
+                        if "bpc" in ((r.get("zero_shot") or {}).get(corpus) or {})], key)
+
+
+def _over_seeds(liks: list[dict], key: str) -> Estimate | None:
+    """Likelihood results of the seeds as one estimate: BPC, or log PPL with the same relative s.e."""
     if not liks:
         return None
     if key == "bpc":
@@ -163,7 +173,7 @@ def first_judge(results: dict) -> str | None:
 def write_report(results: dict, out: Path) -> Path:
     out = Path(out)
     plots = write_plots(results, out)
-    lines = header(results) + likelihood_table(results) + generation_tables(results)
+    lines = header(results) + likelihood_table(results) + zero_shot_table(results) + generation_tables(results)
     lines += conditional_table(results) + claims_section(results) + sample_section(results)
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     path = out / "report.md"
@@ -252,6 +262,40 @@ def likelihood_table(results: dict) -> list[str]:
     return lines + ["", "Train tok/s: median over logged steps, mean over seeds. FLOPs per trained token: "
                     "counted by torch's FlopCounterMode on one training step of the row's own loss "
                     "(forward and backward), so BD3's 2L pass and EDLM's proposals are in it.", ""]
+
+
+def zero_shot_table(results: dict) -> list[str]:
+    """PPL and BPC of every row on each zero-shot corpus, mean over seeds ± s.e. (as the likelihood
+    table), and how each corpus was prepared."""
+    corpora = [z["name"] for z in results["evaluate"].get("zero_shot") or []]
+    if not corpora:
+        return []
+    lines = ["## Zero-shot likelihood", "",
+             "Every row scored on corpora it was not trained on, prepared as the papers prepare them "
+             "(detokenized, wrapped into windows of the context with their BOS/EOS rule; docs/zero-shot.md). "
+             "PPL = exp(NLL per counted token); BPC per character of the detokenized text; mean over "
+             "seeds ± s.e. (seeds' spread and the evaluation's error, as the likelihood table).", "",
+             "| row | kind | " + " | ".join(f"{c} PPL | {c} BPC" for c in corpora) + " |",
+             "|---|---|" + "---|---|" * len(corpora)]
+    protocols: dict[str, str] = {}
+    for row in results["rows"]:
+        cells, kind = [], ""
+        for corpus in corpora:
+            found = [r["zero_shot"][corpus] for r in runs(row) if corpus in (r.get("zero_shot") or {})]
+            first = found[0] if found else {}
+            if "bpc" not in first:
+                cells += [first.get("skipped", "—"), ""]
+                continue
+            kind = "exact" if first["exact"] else "upper bound"
+            protocols.setdefault(corpus, f"{first['protocol']}; {first['zero_shot']['windows']} windows, "
+                                         f"{first['tokens']:,} counted tokens")
+            log_ppl = zero_shot(row, corpus, "nats_per_token")
+            ppl = math.exp(log_ppl.mean)
+            cells += [f"{fmt(ppl, 2)} ± {fmt(ppl * log_ppl.se, 2)}", est(zero_shot(row, corpus))]
+        lines.append(f"| {row['name']} | {kind} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"- {corpus}: {text}." for corpus, text in protocols.items()]
+    return lines + [""]
 
 
 def _mark(gens: list[dict], judge: str) -> str:

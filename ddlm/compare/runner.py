@@ -32,7 +32,7 @@ from ddlm.eval.records import append_jsonl, environment
 from ddlm.methods.base import method_class
 from ddlm.progress import progress_bar
 
-COLLECTIVE = ("train", "likelihood")  # stages every process takes part in under torchrun
+COLLECTIVE = ("train", "likelihood", "zero_shot")  # stages every process takes part in under torchrun
 # How long the other processes wait for rank 0's generation and conditional evaluation (sampling
 # every row at every step count can take hours at paper scale); the training collectives keep
 # train.dist_timeout.
@@ -44,14 +44,14 @@ STAGE_VERSION = 2
 
 @dataclass
 class Stage:
-    kind: str  # train | likelihood | generation | conditional
+    kind: str  # train | likelihood | zero_shot | generation | conditional
     row: Row
     spec: dict = field(default_factory=dict)
     seed: int = 0  # which of the row's training seeds (0..N-1)
 
     @property
     def label(self) -> str:
-        detail = "".join(f" {k}={v}" for k, v in self.spec.items() if k in ("steps", "top_p"))
+        detail = "".join(f" {k}={v}" for k, v in self.spec.items() if k in ("steps", "top_p", "name"))
         return f"{self.kind} {run_name(self.row.name, self.seed)}{detail}"
 
 
@@ -99,6 +99,8 @@ class Comparison:
     def evaluations(self, row: Row, k: int) -> list[Stage]:
         recipe, gen = self.recipe, self.recipe.generation
         stages = [Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k)]
+        stages += [Stage("zero_shot", row, {**dataclasses.asdict(recipe.likelihood), **row.eval,
+                                            **dataclasses.asdict(corpus)}, k) for corpus in recipe.zero_shot]
         steps_list = gen.steps if method_class(self.source(row).method).has_steps else gen.steps[:1]
         for steps in steps_list:
             for top_p in gen.top_p:
@@ -222,6 +224,8 @@ class Comparison:
                 slot.setdefault("skipped", []).append(result)
             elif stage.kind == "generation":
                 slot["generation"].append(result)
+            elif stage.kind == "zero_shot":
+                slot.setdefault("zero_shot", {})[stage.spec["name"]] = result
             else:
                 slot[stage.kind] = result
             bar.update(1)
@@ -370,6 +374,27 @@ class Comparison:
                 "tokenizer": run.data.tokenizer, "step": loaded.step, **result.as_dict(),
                 "protocol": protocol_text(loaded.method, cfg, result.exact), "checkpoint": str(loaded.path)}
 
+    def zero_shot(self, stage: Stage) -> dict:
+        """The row's likelihood on a zero-shot corpus (ddlm.eval.zero_shot), with the recipe's
+        likelihood settings; sharded over the processes under torchrun."""
+        from ddlm import runtime
+        from ddlm.config import section_config
+        from ddlm.eval.zero_shot import evaluate_zero_shot
+
+        spec, loaded = stage.spec, self.loaded(stage.row, stage.seed)
+        if not loaded.method.has_likelihood:
+            return {"skipped": f"method {loaded.run.method!r} defines no likelihood"}
+        run = loaded.run
+        fields = {f.name for f in dataclasses.fields(run.eval)}
+        cfg = section_config(run.eval, "eval", {k: v for k, v in spec.items() if k in fields}, [])
+        if self.dist is None:
+            dtype = runtime.resolve_dtype(run.train.dtype, next(loaded.model.parameters()).device)
+        else:
+            dtype = runtime.DTYPES[self.dist.on_main(
+                lambda: runtime.dtype_name(runtime.resolve_dtype(run.train.dtype, self.dist.device)))]
+        return evaluate_zero_shot(loaded, spec["data"], cfg, dtype=dtype, detokenizer=spec["detokenizer"] or None,
+                                  protocol=spec["protocol"], dist=self.dist)
+
     def datasets(self, run, tokenizer) -> dict:
         """The run's splits: rank 0 reads the corpus (and writes any token cache) first, then the
         others read what it wrote."""
@@ -450,7 +475,8 @@ class Comparison:
                    "recipe_path": self.recipe.path, "base": self.recipe.base,
                    "evaluate": {"likelihood": dataclasses.asdict(self.recipe.likelihood),
                                 "generation": dataclasses.asdict(self.recipe.generation),
-                                "conditional": dataclasses.asdict(self.recipe.conditional)},
+                                "conditional": dataclasses.asdict(self.recipe.conditional),
+                                "zero_shot": [dataclasses.asdict(z) for z in self.recipe.zero_shot]},
                    "environment": environment(), "rows": rows, "seeds": self.recipe.seeds,
                    "provenance": getattr(self, "provenance", None) or provenance(self.out),
                    "reference": getattr(self, "references", {})}

@@ -20,22 +20,53 @@ def protocol_text(method, cfg: EvalConfig, exact: bool) -> str:
 
 
 def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = None,
-                        overrides: list[str] | None = None, progress: bool = False) -> dict:
+                        overrides: list[str] | None = None, progress: bool = False, zero_shot: bool = False,
+                        detokenizer: str | None = None, zero_shot_protocol: str = "mdlm") -> dict:
+    """`ddlm eval`: the checkpoint's likelihood on a split of its corpus (or of `data`). With
+    `zero_shot`, on corpus `data` prepared as the papers prepare their zero-shot corpora
+    (ddlm.eval.zero_shot: `detokenizer` by name or "none", default from the corpus name;
+    `zero_shot_protocol` mdlm, sedd or bd3)."""
     from ddlm.train.distributed import Distributed
 
     dist = Distributed.from_environment(runtime.device())  # under torchrun: the split sharded over ranks
     try:
+        if zero_shot:
+            return _evaluate_zero_shot(path, data, split, overrides, progress and dist.is_main, dist,
+                                       detokenizer, zero_shot_protocol)
         return _evaluate_checkpoint(path, data, split, overrides, progress and dist.is_main, dist)
     finally:
         dist.close()
 
 
-def _evaluate_checkpoint(path, data, split, overrides, progress, dist) -> dict:
+def _load_scorable(path, overrides, dist):
     eval_args, method_options = split_sections(overrides or [], "eval")
     loaded = load_for_inference(path, dist.device, method_options=method_options)
-    run = loaded.run
     if not loaded.method.has_likelihood:
-        raise ConfigError(f"no likelihood for method {run.method!r}: it defines no bound to evaluate")
+        raise ConfigError(f"no likelihood for method {loaded.run.method!r}: it defines no bound to evaluate")
+    return loaded, eval_args
+
+
+def _evaluate_zero_shot(path, data, split, overrides, progress, dist, detokenizer, protocol) -> dict:
+    from ddlm.eval.zero_shot import evaluate_zero_shot, protocol_named, read_documents
+
+    if not data:
+        raise ConfigError("--zero-shot needs --data: the corpus to evaluate on (hf:PATH or a file)")
+    protocol_named(protocol)
+    loaded, eval_args = _load_scorable(path, overrides, dist)
+    cfg = section_config(loaded.run.eval, "eval", {"split": split}, eval_args)
+    docs, part = read_documents(data, cfg.split)
+    warning = unseen_script_warning(loaded.run, data, cfg.split, texts=docs)
+    dtype = runtime.resolve_dtype(loaded.run.train.dtype, dist.device)
+    out = evaluate_zero_shot(loaded, data, cfg, dtype=dtype, detokenizer=detokenizer, protocol=protocol,
+                             documents=(docs, part), progress=progress, dist=dist)
+    if warning:
+        out["warning"] = warning
+    return out
+
+
+def _evaluate_checkpoint(path, data, split, overrides, progress, dist) -> dict:
+    loaded, eval_args = _load_scorable(path, overrides, dist)
+    run = loaded.run
     warning = None
     if data:
         warning = unseen_script_warning(run, data, split or "valid")
@@ -57,10 +88,12 @@ def _evaluate_checkpoint(path, data, split, overrides, progress, dist) -> dict:
     return out
 
 
-def unseen_script_warning(run, corpus: str, split: str, sample_chars: int = 1_000_000) -> str | None:
+def unseen_script_warning(run, corpus: str, split: str, sample_chars: int = 1_000_000,
+                          texts: list[str] | None = None) -> str | None:
     """A line when much of a zero-shot corpus is written in scripts (Unicode blocks of 128 code
     points) that the training corpus never used: a byte-level model still scores it, but the
-    figure then measures text of a kind it never saw."""
+    figure then measures text of a kind it never saw. `texts`: the corpus's documents, when
+    already read (else its split `split` is loaded)."""
     from ddlm.data import load_corpus
     from ddlm.data.prepared import is_prepared
 
@@ -74,7 +107,9 @@ def unseen_script_warning(run, corpus: str, split: str, sample_chars: int = 1_00
     cache = runtime.cache_dir() / "corpora"
     seen, _ = blocks(load_corpus(run.data.corpus, text8_download=False, cache_dir=cache).train)
     key = "valid" if split == "validation" else split
-    other, total = blocks(load_corpus(corpus, text8_download=False, cache_dir=cache).split(key))
+    if texts is None:
+        texts = load_corpus(corpus, text8_download=False, cache_dir=cache).split(key)
+    other, total = blocks(texts)
     unseen = sum(n for block, n in other.items() if block not in seen)
     if total and unseen / total > 0.05:
         return (f"{unseen / total:.0%} of the characters of {corpus!r} are in scripts absent from the "
