@@ -24,7 +24,7 @@ from ddlm.build import build_method, check_memory, complete_model_config, prepar
 from ddlm.checkpoint import (SHARDED_META, SHARDED_STATE, latest_name, load_checkpoint, load_trainer_state,
                              new_temporary, refuse_outside_links, resolve_checkpoint, save_checkpoint,
                              weights_misfit)
-from ddlm.config import RunConfig
+from ddlm.config import RunConfig, SampleConfig
 from ddlm.data import BlockLoader, tokenizer_from_dict
 from ddlm.errors import ConfigError, DataError, DistributedError, write_failure
 from ddlm.eval.likelihood import evaluate_likelihood
@@ -33,6 +33,7 @@ from ddlm.progress import progress_bar
 from ddlm.train import state as resume_state
 from ddlm.train.distributed import Distributed, batch_plan, is_sharded, micro_seed, sharded_batches
 from ddlm.train.ema import EMA
+from ddlm.train.loggers import Sinks, check_sinks, open_sinks
 from ddlm.train.lock import RunLock
 from ddlm.train.optim import build_optimizer, lr_at, set_lr
 
@@ -40,7 +41,11 @@ from ddlm.train.optim import build_optimizer, lr_at, set_lr
 RESUMABLE_CHANGES = {"train.steps", "train.progress", "train.eval_every", "train.eval_batches",
                      "train.ckpt_every", "train.keep_ckpts", "train.log_every", "train.threads",
                      "train.compile", "data.text8_download", "train.micro_batch_size", "train.parallel",
-                     "train.dist_timeout"}
+                     "train.dist_timeout", "train.log"}
+
+# The samples drawn at every validation (metrics.jsonl and the dashboards): rows, tokens at most
+# (never more than the training length), denoising steps.
+SAMPLE_ROWS, SAMPLE_TOKENS, SAMPLE_STEPS = 2, 64, 32
 
 
 @dataclass
@@ -103,6 +108,8 @@ class Trainer:
                                                          parallel=run.train.parallel)
         self.out_dir = Path(out_dir)
         self.quiet = quiet or not self.dist.is_main
+        check_sinks(run.train.log)  # a missing dashboard package: refused before anything is written
+        self.sinks = Sinks([])  # opened by fit, on rank 0
         self.lock = self.dist.on_main(self._claim_directory, share=False)
         try:
             self._set_up(run, overwrite)
@@ -193,7 +200,7 @@ class Trainer:
         never what it points to)."""
         latest = self.out_dir / "latest"
         if overwrite and (latest.is_file() or latest.is_symlink()):
-            for name in ("checkpoints", "latest", "metrics.jsonl"):
+            for name in ("checkpoints", "latest", "metrics.jsonl", "tensorboard", "wandb"):
                 target = self.out_dir / name
                 shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink(missing_ok=True)
             return None
@@ -308,6 +315,8 @@ class Trainer:
         checkpoint = resolve_checkpoint(self.out_dir) if self.step >= cfg.steps else None
         bad_in_row = 0
         try:
+            if self.step < cfg.steps:
+                self.sinks = self.dist.on_main(self._open_sinks, share=False) or Sinks([])
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 loss, grad_norm, lr = self._train_step()
@@ -347,12 +356,14 @@ class Trainer:
                     self.adapt_method()
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
                     valid = self.validate()
+                    self.log_samples()
                 if last or stopping or (cfg.ckpt_every and self.step % cfg.ckpt_every == 0):
                     checkpoint = self.save()
                 if stopping and not last:
                     break
         finally:
             bar.close()
+            self.sinks.close()
             self._restore_signal_handlers(handlers)
             self._release()
         seconds = time.perf_counter() - start
@@ -494,6 +505,41 @@ class Trainer:
         self._log({"step": self.step, **record})
         return record
 
+    @torch.no_grad()
+    def log_samples(self) -> list[str]:
+        """Draw SAMPLE_ROWS short samples with the method's default sampler, the inference weights
+        and a generator of their own seeded with sample.seed (the same noise at every validation),
+        and log them: a {"step", "samples"} line in metrics.jsonl and text in the dashboards. The
+        training RNG streams are left as they were. Every rank draws (a sharded model needs them
+        all); rank 0 logs."""
+        cfg = SampleConfig(num=SAMPLE_ROWS, length=min(SAMPLE_TOKENS, self.run.data.seq_len),
+                           steps=SAMPLE_STEPS, seed=self.run.sample.seed, batch_size=SAMPLE_ROWS)
+        sampler = self.method.sampler(cfg)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+        with self._inference_weights(), torch.random.fork_rng(devices=self._rng_devices()):
+            self.model.eval()
+            try:
+                generation = sampler.generate(self.model, cfg.num, cfg.length, generator=generator)
+            finally:
+                self.model.train()
+        rows = generation.tokens.tolist()
+        ends = generation.lengths.tolist() if generation.lengths is not None else [len(rows[0])] * len(rows)
+        texts = [self.tokenizer.decode(row[:end]) for row, end in zip(rows, ends)]
+        self._log({"step": self.step, "samples": texts})
+        if self.dist.is_main:
+            for i, text in enumerate(texts):
+                self.sinks.text(self.step, f"samples/{i}", text)
+        return texts
+
+    def _rng_devices(self) -> list:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _open_sinks(self) -> Sinks:
+        """The dashboards train.log names; TensorBoard hides what a killed run logged after the
+        step this one resumes from."""
+        return open_sinks(self.run.train.log, self.out_dir, self.run.to_dict(),
+                          resumed_from=self.resumed_from)
+
     def _inference_weights(self):
         return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
 
@@ -531,6 +577,7 @@ class Trainer:
             raise ConfigError(f"could not append to '{path}' ({write_failure(err)}); "
                               + (f"the last checkpoint {kept} is intact" if kept else "no checkpoint was written yet")
                               ) from None
+        self.sinks.scalars(record["step"], record)
 
     # -- signals ----------------------------------------------------------------------------
     def _install_signal_handlers(self) -> dict:
