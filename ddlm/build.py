@@ -37,8 +37,11 @@ def prepare_data(run: RunConfig, tokenizer: Tokenizer | None = None
 
 def build_method(run: RunConfig, tokenizer: Tokenizer) -> Method:
     cls = method_class(run.method)
-    return cls(run.method_options, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
-               bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id, context=run.data.seq_len)
+    method = cls(run.method_options, vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
+                 bos_id=tokenizer.bos_id, pad_id=tokenizer.pad_id, context=run.data.seq_len)
+    if run.model.output_vocab:
+        method.set_never_emitted(range(run.model.output_vocab, tokenizer.vocab_size))
+    return method
 
 
 def complete_model_config(run: RunConfig, method: Method, vocab_size: int) -> RunConfig:

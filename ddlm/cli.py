@@ -67,8 +67,13 @@ def cmd_eval(args, extra: list[str]) -> int:
         check_appendable(args.results)
     if args.generate:
         return eval_generation(args, extra)
+    if (args.detokenizer or args.protocol) and not args.zero_shot:
+        raise DdlmError("--detokenizer and --protocol apply to --zero-shot evaluation")
+    if args.zero_shot and not args.data:
+        raise DdlmError("--zero-shot needs --data hf:PATH | FILE: the corpus to evaluate on")
     result = evaluate_checkpoint(args.checkpoint, data=args.data, split=args.split, overrides=extra,
-                                 progress=not args.json)
+                                 progress=not args.json, zero_shot=args.zero_shot, detokenizer=args.detokenizer,
+                                 zero_shot_protocol=args.protocol or "mdlm")
     if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 alone reports
         return 0
     text = (f"{result['method']} on {result['corpus']} [{result['split']}]: "
@@ -138,8 +143,14 @@ def cmd_sample(args, extra: list[str]) -> int:
                  "sampler": args.sampler, "cache": None if not args.no_cache else False}
     if args.out:
         check_writable_file(args.out)
+    if args.show_html:
+        check_writable_file(args.show_html)
+    watch = Watch(args.show, args.show_html)
     result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra,
-                               judge=args.judge)
+                               judge=args.judge, infill=args.infill, recorder=watch.recorder, on_load=watch.loaded)
+    watch.write_page(result)
+    if "note" in result and not args.json:
+        print(f"ddlm: note: {result['note']}", file=sys.stderr)
     if args.out:
         lines = [json.dumps({"index": i, "text": text, "tokens": result["tokens"][i]}) + "\n"
                  for i, text in enumerate(result["texts"])]
@@ -161,6 +172,39 @@ def cmd_sample(args, extra: list[str]) -> int:
             print(f"[judge {j['name']}: gen PPL {j['gen_ppl']:.2f} over {j['tokens']} tokens, "
                   f"{j['bits_per_byte']:.3f} bits per byte]")
     return 0
+
+
+class Watch:
+    """--show (the terminal, live) and --show-html FILE (a page written after the draw)."""
+
+    def __init__(self, show: bool, html_path: str | None) -> None:
+        from ddlm.sampling.trace import Recorder
+
+        self.show, self.html_path = show, html_path
+        self.recorder = Recorder() if show or html_path else None
+        self.tokenizer = self.cfg = None
+
+    def loaded(self, loaded, cfg) -> None:
+        self.tokenizer, self.cfg = loaded.tokenizer, cfg
+        if self.show:
+            from ddlm.viewer.terminal import TerminalView
+
+            self.recorder.on_frame = TerminalView(loaded.tokenizer, title=f"ddlm sample · {loaded.run.method}")
+
+    def write_page(self, result: dict) -> None:
+        if not self.html_path:
+            return
+        from ddlm.viewer.frames import merge_draws, timeline
+        from ddlm.viewer.html import write_page
+
+        meta = {"method": result["method"], "sampler": result["sampler"], "steps": result["steps"],
+                "samples": len(result["texts"]), "NFE": result["nfe"], "seconds": f"{result['seconds']:.2f}",
+                "seed": self.cfg.seed, "top-p": self.cfg.top_p, "temperature": self.cfg.temperature,
+                "checkpoint": result["checkpoint"]}
+        if "infill" in result:
+            meta["infill"] = result["infill"]["text"]
+        write_page(self.html_path, timeline(merge_draws(self.recorder.draws)), self.tokenizer,
+                   title=f"ddlm · {result['method']} writing", meta=meta)
 
 
 # -- compare --------------------------------------------------------------------------------
@@ -253,6 +297,26 @@ def cmd_import(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_lm_eval(args, extra: list[str]) -> int:
+    from ddlm.interop.lm_eval import cli_main
+
+    if args.mc_samples < 1:
+        raise DdlmError(f"--mc-samples {args.mc_samples} must be at least 1")
+    return cli_main(args.checkpoint, args.tasks, args.mc_samples, extra, args.json)
+
+
+def cmd_export(args, extra: list[str]) -> int:
+    from ddlm.interop.export import export_hf
+
+    if extra:
+        raise DdlmError(f"export takes no option {extra[0]}")
+    report = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    _emit(report, args.json, f"exported {args.checkpoint} to {report.get('out', args.out)} "
+                             f"({report.get('architecture', 'ddlm')}"
+                             f"{', with its modeling code: trust_remote_code=True' if report.get('remote_code') else ''})")
+    return 0
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`ddlm: error: ...`, exit 2) instead of usage + error."""
 
@@ -293,6 +357,14 @@ def _eval_args(s):
     s.add_argument("--split", default=None, help="train | valid | test (default valid)")
     s.add_argument("--results", default=None, help="append the results to FILE.jsonl (with config, "
                                                    "seed and versions)")
+    z = s.add_argument_group("zero-shot (--zero-shot)")
+    z.add_argument("--zero-shot", action="store_true",
+                   help="evaluate on --data as the papers do: their detokenizer (PTB, WikiText, LAMBADA, LM1B), "
+                        "windows of L with BOS/EOS, the window's BOS given and not counted")
+    z.add_argument("--detokenizer", default=None, help="ptb | wikitext | lambada | lm1b | none (default: from "
+                                                       "the corpus name)")
+    z.add_argument("--protocol", default=None, choices=["mdlm", "sedd", "bd3"],
+                   help="whose window layout (default mdlm; docs/zero-shot.md)")
     g = s.add_argument_group("generation (--generate)")
     g.add_argument("--generate", action="store_true", help="evaluate samples instead of the likelihood")
     g.add_argument("--gen-steps", default="8,32,128", help="denoising step counts (default 8,32,128)")
@@ -321,6 +393,12 @@ def _sample_args(s):
     s.add_argument("--out", default=None, help="write samples to FILE.jsonl")
     s.add_argument("--judge", default=None, help="ar:DIR: score the samples under that AR run "
                                                  "(gen PPL, bits per byte)")
+    s.add_argument("--infill", default=None, metavar="TEXT",
+                   help='fill the spans of TEXT: [MASK] one token, [MASK:n] n tokens, [MASK:?] up to 16 '
+                        'ended by EOS, e.g. "It is a truth [MASK:12] acknowledged" (diffusion methods)')
+    s.add_argument("--show", action="store_true", help="draw the denoising live in the terminal")
+    s.add_argument("--show-html", default=None, metavar="FILE.html",
+                   help="write a self-contained page that replays the draw step by step")
 
 
 def _compare_args(s):
@@ -374,6 +452,20 @@ def _import_args(s):
     s.add_argument("--overwrite", action="store_true", help="replace an earlier import in --out")
 
 
+def _export_args(s):
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--to", required=True, choices=["hf"], help="hf: a Hugging Face transformers folder")
+    s.add_argument("out", help="folder to write")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+
+
+def _lm_eval_args(s):
+    s.add_argument("checkpoint", help="run directory or checkpoint directory")
+    s.add_argument("--tasks", required=True, help="lm-eval task names (comma-separated), e.g. lambada_openai")
+    s.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo samples of t per diffusion "
+                                                              "log-likelihood (default 32; docs/lm-eval.md)")
+
+
 COMMANDS = [
     ("train", cmd_train, "train a model (resumes when --out holds the same run)"),
     ("eval", cmd_eval, "likelihood of a checkpoint: BPC, PPL, tokens (a bound for diffusion methods)"),
@@ -384,11 +476,16 @@ COMMANDS = [
     ("quickstart", cmd_quickstart, "train small AR and MDLM models on Austen, show samples and BPC"),
     ("data", cmd_data, "data prepare SOURCE --tokenizer T --out DIR: tokenize a corpus once, in parallel, "
                        "into sharded memory-mapped token files that training reads in place"),
+    ("export", cmd_export, "export a run to a Hugging Face folder (AR natively as GPT-NeoX or GPT-2; diffusion "
+                           "methods with their modeling code)"),
+    ("lm-eval", cmd_lm_eval, "run lm-eval-harness tasks on a checkpoint (lm-eval's own options pass through, "
+                             "e.g. --limit, --num_fewshot, --include_path)"),
     ("import", cmd_import, "import a published model folder (GPT-2, MDLM, BD3-LM, SEDD; safetensors only) "
                            "as a ddlm run directory"),
 ]
 ARGUMENTS = {"train": _train_args, "eval": _eval_args, "sample": _sample_args, "info": _info_args, "compare": _compare_args,
-             "quickstart": _quickstart_args, "data": _data_args, "import": _import_args}
+             "quickstart": _quickstart_args, "data": _data_args, "import": _import_args,
+             "lm-eval": _lm_eval_args, "export": _export_args}
 
 
 def main(argv: list[str] | None = None) -> int:

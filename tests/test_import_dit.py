@@ -338,9 +338,6 @@ def test_sedd_network_matches_reference(tmp_path):
     assert torch.isneginf(ours[..., VOCAB:]).all() or ours[..., VOCAB:].exp().max() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="ddlm's absorbing graph counts the pad id as a token: its score "
-                   "offset is log(50258), theirs log(50257) (a 2e-5 shift); needs the graph to exclude "
-                   "ids >= model.output_vocab")
 def test_sedd_scores_match_reference(tmp_path):
     _, _, ours, theirs, others = sedd_scores(tmp_path)
     keep = others[..., :VOCAB]
@@ -452,3 +449,16 @@ def test_not_safetensors(tmp_path):
     src = write_folder(tmp_path / "bad", hf_config("mdlm"), None)
     (src / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     one_line_error(src, "not a readable safetensors file")
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_ddlm_import_command_then_sample(tmp_path, capsys, fmt):
+    from ddlm.cli import main
+
+    src, _ = published(tmp_path, fmt)
+    assert main(["import", str(src), "--out", str(tmp_path / "run"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == fmt and report["tokenizer"] == "gpt2"
+    assert main(["sample", str(tmp_path / "run"), "--num", "1", "--length", "8", "--steps", "2", "--json"]) == 0
+    sampled = json.loads(capsys.readouterr().out)
+    assert sampled["length"] == 8 and len(sampled["texts"]) == 1 and sampled["method"] == fmt

@@ -215,3 +215,18 @@ def test_cli_import_then_eval(gpt2_folder, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run"), "--json", "--eval.max_batches=1", "--eval.batch_size=2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isfinite(result["bpc"]) and result["method"] == "ar"
+
+
+def test_cli_export_then_import_round_trip(gpt2_folder, tmp_path, capsys):
+    folder, model = gpt2_folder
+    assert main(["import", str(folder), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf"), "--json"]) == 0
+    capsys.readouterr()
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tokens = torch.randint(0, 50257, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(exported(tokens).logits, model(tokens).logits, atol=1e-5, rtol=0)
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "again"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "ar"
+    assert main(["export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 2  # exists: one line
+    assert "--overwrite" in capsys.readouterr().err

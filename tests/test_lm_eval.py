@@ -165,3 +165,12 @@ def test_generate_until_stops_at_the_stop_sequence(runs, method):
     lm.generator.manual_seed(0)
     cut = lm.generate_until([request("generate_until", ("the quick", {"until": [stop], "max_gen_toks": 12}))])[0]
     assert cut == free[:free.index(stop)] and stop not in cut
+
+
+def test_ddlm_lm_eval_command(runs, offline, capsys):
+    paths, _ = runs
+    assert main(["lm-eval", paths["ar"], "--tasks", "ddlm_tiny_mc", "--mc-samples", "2", "--json",
+                 "--include_path", str(offline), "--limit", "1"]) == 0
+    assert "ddlm_tiny_mc" in json.loads(capsys.readouterr().out)["results"]
+    assert main(["lm-eval", paths["ar"], "--tasks", "ddlm_tiny_mc", "--mc-samples", "0"]) == 2
+    assert "--mc-samples 0" in capsys.readouterr().err

@@ -277,3 +277,16 @@ def test_a_recipe_with_zero_shot_corpora_reports_their_table(tmp_path, monkeypat
                          ([{"name": "a"}], "data must name a corpus")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             parse_recipe({"name": "r", "rows": [{"name": "ar", "method": "ar"}], "zero_shot": bad}, "r.yaml")
+
+
+def test_the_command_line_zero_shot_flags(runs, monkeypatch, capsys):
+    from ddlm.cli import main
+
+    root, corpus = runs
+    monkeypatch.setenv("DDLM_CACHE", str(root / "cache"))
+    assert main(["eval", str(root / "ar"), "--zero-shot", "--data", str(corpus), "--protocol", "bd3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["zero_shot"]["protocol"] == "bd3" and out["zero_shot"]["detokenizer"] == "ptb"
+    for args in (["--zero-shot"], ["--detokenizer", "ptb"], ["--zero-shot", "--data", str(corpus), "--protocol", "x"]):
+        assert main(["eval", str(root / "ar"), *args]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1

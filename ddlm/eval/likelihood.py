@@ -84,6 +84,6 @@ def summarize(nll: torch.Tensor, tokens: torch.Tensor, chars_per_token: float, e
     resid = nll - ratio * tokens
     stderr = math.sqrt(float((resid ** 2).sum()) * n / max(n - 1, 1)) / float(total_tokens) if n > 1 else float("nan")
     to_bits = 1 / math.log(2) / chars_per_token
-    return LikelihoodResult(nll_per_token=float(ratio), bpc=float(ratio) * to_bits, ppl=math.exp(float(ratio)),
+    return LikelihoodResult(nll_per_token=float(ratio), bpc=float(ratio) * to_bits, ppl=math.exp(float(ratio)) if float(ratio) < 709.0 else float("inf"),
                             bpc_stderr=stderr * to_bits, tokens=int(total_tokens), sequences=n,
                             exact=exact, t_samples=t_samples)

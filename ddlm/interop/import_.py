@@ -21,7 +21,27 @@ def _gpt2(src: Path, method: str | None) -> Imported | None:
     return gpt2.import_gpt2(src)
 
 
-FORMATS = (("gpt2", _gpt2),)
+def _dit(src: Path, method: str | None) -> Imported | None:
+    from ddlm.interop import dit
+
+    if dit.detect(src) is None:
+        return None
+    return dit.import_dit(src, method)
+
+
+def _export(src: Path, method: str | None) -> Imported | None:
+    from ddlm.interop.export import detect_export, import_export
+
+    if not detect_export(src):
+        return None
+    imported = import_export(src)
+    if method not in (None, imported.run.method):
+        raise ConfigError(f"'{src}' is a ddlm {imported.run.method} export; it imports as that method, not {method}")
+    return imported
+
+
+# a folder `ddlm export` wrote comes first: a GPT-2-shaped export is also a GPT-2 folder
+FORMATS = (("ddlm export", _export), ("gpt2", _gpt2), ("mdlm / bd3 / sedd", _dit))
 
 
 def read_source(src: str | Path, method: str | None = None) -> Imported:
@@ -36,7 +56,7 @@ def read_source(src: str | Path, method: str | None = None) -> Imported:
         if imported is not None:
             return imported
     names = ", ".join(name for name, _ in FORMATS)
-    raise CheckpointError(f"'{src}' is not a model ddlm can import (known: {names}); expected a config.json "
+    raise CheckpointError(f"'{src}' is not a model ddlm can import (known: {names}); expected a config "
                           "naming the architecture and safetensors weights")
 
 

@@ -94,6 +94,13 @@ class Method:
         self.pad_id = pad_id
         self.context = context  # the model's context length (0: unknown, no sliding window)
 
+    never_emitted: tuple[int, ...] = ()  # ids the model never outputs (model.output_vocab on)
+
+    def set_never_emitted(self, ids) -> None:
+        """Ids the network never emits (an imported vocabulary's appended mask/pad): a method whose
+        process or prior counts the vocabulary leaves them out."""
+        self.never_emitted = tuple(int(i) for i in ids)
+
     def build_model(self, model_cfg: Any) -> torch.nn.Module:
         """The network this method trains (default: the one Transformer)."""
         return Transformer(model_cfg)

@@ -244,7 +244,7 @@ class MDLM(DiffusionMethod):
     def prior_nll(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, L) alpha_1 log(V - 1): KL(q(z_1 | x) || (1 - alpha_1) MASK + alpha_1 Uniform)."""
         one = torch.ones((), dtype=torch.float64, device=x0.device)
-        kl = self.schedule.alpha(one) * math.log(self.vocab_size - 1)
+        kl = self.schedule.alpha(one) * math.log(self.vocab_size - 1 - len(self.never_emitted))
         return kl.expand(x0.shape)
 
     # ---- the clipped-window search (BD3-LM §4) ---------------------------------------------

@@ -83,6 +83,11 @@ class SEDD(DiffusionMethod):
                          context=context)
         self.graph: Graph = build_graph(cfg.graph, vocab_size, mask_id)
 
+    def set_never_emitted(self, ids) -> None:
+        """The graph's states leave them out (log(V - 1) in the absorbing scores counts only the rest)."""
+        super().set_never_emitted(ids)
+        self.graph = build_graph(self.cfg.graph, self.vocab_size, self.mask_id, self.never_emitted)
+
     # ---- the one network call ------------------------------------------------------------
 
     def log_score(self, model, xt: torch.Tensor, t: torch.Tensor, *,

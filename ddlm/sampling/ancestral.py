@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ddlm.sampling.base import Sampler, filter_logits, gumbel_argmax, uniform
+from ddlm.sampling.trace import note_step
 
 
 class MaskedSampler(Sampler):
@@ -54,6 +55,15 @@ class MaskedSampler(Sampler):
         """Part 2: z_s ~ q(z_s | z_t, x_0); a MASK unmasks to x_0 with probability (m_t - m_s)/m_t.
         t, s scalars or (B,); s = 0 unmasks every token, whatever m(0) the schedule has."""
         return torch.where(self.unmasking(z, t, s, generator), x0, z)
+
+    def step_note(self) -> dict:
+        """What the recorder is told about the last step besides its tokens (EDLM: the proposals
+        kept); default nothing."""
+        return {}
+
+    def spent(self, nfe: int) -> int:
+        """Network evaluations so far, given the denoiser's `nfe` (EDLM adds its energy's)."""
+        return nfe
 
     def unmasking(self, z: torch.Tensor, t: float | torch.Tensor, s: float | torch.Tensor,
                   generator) -> torch.Tensor:
@@ -106,6 +116,7 @@ class AncestralSampler(MaskedSampler):
             if not torch.equal(z_next, z):
                 logp = None
             z = z_next
+            note_step(self, z, self.spent(nfe), t=s, **self.step_note())
         if (z == mask_id).any():
             t = times[-1]
             if logp is None or not cache_ok:
@@ -114,6 +125,7 @@ class AncestralSampler(MaskedSampler):
                 z = torch.where(z == mask_id, logp.argmax(-1), z)
             else:
                 z = self.step(model, z, t, 0.0, logp, generator)
+            note_step(self, z, self.spent(nfe), t=0.0, **self.step_note())
         return z, nfe
 
 
@@ -149,3 +161,4 @@ class FirstHittingSampler(MaskedSampler):
             x0 = self.draw_x0(model, z, t, logp, generator)  # (B, L)
             z = z.clone()
             z[rows, pos] = torch.where(active, x0[rows, pos], z[rows, pos])
+            note_step(self, z, nfe)

@@ -7,6 +7,7 @@ import torch
 
 from ddlm.errors import DataError
 from ddlm.sampling.base import Generation, Sampler, filter_logits, gumbel_argmax, model_device, prompt_rows
+from ddlm.sampling.trace import note_step
 
 
 class ARSampler(Sampler):
@@ -42,10 +43,16 @@ class ARSampler(Sampler):
         if not 0 < stride <= context:
             raise ValueError(f"stride={stride} must be in 1..context={context}")
         goal = out.shape[1] + length
+        if self.recorder is not None:
+            self.recorder.start(self.masked_after(out, length))
         while out.shape[1] < goal:
             window = out if out.shape[1] < context else out[:, out.shape[1] - (context - stride):]
             new = min(goal - out.shape[1], context - window.shape[1])
+            if self.recorder is not None:
+                self.recorder.window(out.shape[1], nfe_before=out.shape[1] - (goal - length))
             out = torch.cat([out, self._window(model, window, new, generator)], dim=1)
+        if self.recorder is not None:
+            self.recorder.finish(out, length)
         return Generation(tokens=out, nfe=length, seconds=time.perf_counter() - start)
 
     def _window(self, model, prefix: torch.Tensor, length: int, generator) -> torch.Tensor:
@@ -57,6 +64,7 @@ class ARSampler(Sampler):
         for i in range(length):
             token = self.draw(logits, generator)
             seq = torch.cat([seq, token[:, None]], dim=1)
+            note_step(self, seq[:, seq.shape[1] - i - 1:], i + 1)
             if i + 1 < length:
                 step_input = seq[:, -1:] if cache is not None else seq
                 logits = self.method.logits(model, step_input, cache=cache)[:, -1]

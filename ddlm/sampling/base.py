@@ -17,6 +17,7 @@ from typing import Callable, ClassVar
 import torch
 
 from ddlm.errors import ConfigError
+from ddlm.sampling.trace import Recorder
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Sampler:
     templates and windows past the context around it."""
 
     takes_template: ClassVar[bool] = True
+    recorder: Recorder | None = None  # set to watch the draw step by step (sampling/trace.py)
 
     def __init__(self, method, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  stride: int = 0) -> None:
@@ -58,13 +60,20 @@ class Sampler:
         begin = time.perf_counter()
         device = model_device(model)
         if template is not None:
-            tokens, nfe = self.fill(model, expand_rows(template.to(device), n, "template"), generator)
-            return Generation(tokens, nfe, time.perf_counter() - begin)
-        start = prompt_rows(prompt, n, device)
-        if self.context and start.shape[1] + length > self.context:
-            return self.generate_long(model, start, length, generator)
-        tokens, nfe = self.fill(model, self.masked_after(start, length), generator)
-        return Generation(tokens, nfe, time.perf_counter() - begin)
+            z = expand_rows(template.to(device), n, "template")
+        else:
+            start = prompt_rows(prompt, n, device)
+            z = self.masked_after(start, length)
+        if self.recorder is not None:
+            self.recorder.start(z)
+        if template is None and self.context and z.shape[1] > self.context:
+            gen = self.generate_long(model, start, length, generator)
+        else:
+            tokens, nfe = self.fill(model, z, generator)
+            gen = Generation(tokens, nfe, time.perf_counter() - begin)
+        if self.recorder is not None:
+            self.recorder.finish(gen.tokens, gen.nfe)
+        return gen
 
     def check_request(self, prompt, template) -> None:
         if prompt is not None and template is not None:
@@ -84,10 +93,15 @@ class Sampler:
         """Past the context: windows of `context` tokens, each keeping the last context - stride as
         a clean prefix (see slide_windows)."""
         context = context or self.context
+        done = {"tokens": start.shape[1], "nfe": 0}  # written so far, for the recorder's window
 
         def window(prefix, new):
             first = start[:, :0] if prefix is None else prefix
+            if self.recorder is not None:
+                self.recorder.window(done["tokens"] - first.shape[1], nfe_before=done["nfe"])
             tokens, used = self.fill(model, self.masked_after(first, new), generator)
+            done["tokens"] += new
+            done["nfe"] += used
             return tokens[:, tokens.shape[1] - new:], used
 
         return slide_windows(window, start, length, context,
@@ -104,6 +118,14 @@ class SemiAutoregressiveSampler:
     def __init__(self, inner: Sampler, *, context: int | None = None, stride: int | None = None) -> None:
         self.inner, self.context, self.stride = inner, context, stride
 
+    @property
+    def recorder(self) -> Recorder | None:
+        return self.inner.recorder
+
+    @recorder.setter
+    def recorder(self, recorder: Recorder | None) -> None:
+        self.inner.recorder = recorder
+
     @torch.no_grad()
     def generate(self, model, n: int, length: int, *, prompt=None, template=None,
                  generator=None) -> Generation:
@@ -111,8 +133,13 @@ class SemiAutoregressiveSampler:
             return self.inner.generate(model, n, length, template=template, generator=generator)
         device = model_device(model)
         start = prompt_rows(prompt, n, device)
-        return self.inner.generate_long(model, start, length, generator, context=self.context,
-                                        stride=self.stride)
+        if self.recorder is not None:
+            self.recorder.start(self.inner.masked_after(start, length))
+        gen = self.inner.generate_long(model, start, length, generator, context=self.context,
+                                       stride=self.stride)
+        if self.recorder is not None:
+            self.recorder.finish(gen.tokens, gen.nfe)
+        return gen
 
 
 def model_device(model) -> torch.device:

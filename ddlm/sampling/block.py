@@ -25,7 +25,7 @@ import torch
 
 from ddlm.errors import ConfigError
 from ddlm.nn.attention import block_causal_mask, prefix_block_mask
-from ddlm.sampling.base import Generation, Sampler, model_device, prompt_rows
+from ddlm.sampling.base import Generation, Sampler, expand_rows, model_device, prompt_rows
 
 
 class PrefixModel:
@@ -82,7 +82,6 @@ class BlockSampler(Sampler):
     """BD3-LM's sampler: `inner` (an MDLM sampler built on the BD3 method) fills one block at a
     time. NFE counts every network pass: the inner sampler's and the cache writes."""
 
-    takes_template = False
     variable_length = True
 
     def __init__(self, method, inner: Sampler, *, use_kv_cache: bool = True, stride: int = 0,
@@ -95,30 +94,45 @@ class BlockSampler(Sampler):
     @torch.no_grad()
     def generate(self, model, n: int, length: int, *, prompt: torch.Tensor | None = None,
                  template: torch.Tensor | None = None, generator=None) -> Generation:
-        """(n, Lp + length) tokens: the prompt, then `length` new ones (PAD after a row's end)."""
+        """(n, Lp + length) tokens: the prompt, then `length` new ones (PAD after a row's end).
+        A template (n, L) is filled block by block in the same order: each block's MASKs see the
+        text before the block and the given tokens of the block itself, never text after it."""
         self.check_request(prompt, template)
         begin = time.perf_counter()
-        start = prompt_rows(prompt, n, model_device(model))
-        Lb, Lp = self.method.block_size, start.shape[1]
-        goal = Lp + length
+        if template is not None:
+            start = expand_rows(template.to(model_device(model)), n, "template")
+            length, Lp = 0, first_masked_column(start, self.method.mask_id)
+        else:
+            start = prompt_rows(prompt, n, model_device(model))
+            Lp = start.shape[1]
+        Lb = self.method.block_size
+        goal = start.shape[1] + length
+        if template is not None and goal > (self.context or goal):
+            raise ConfigError(f"the template is {goal} tokens, longer than the model's context of {self.context}")
         context = self.context or getattr(getattr(model, "cfg", None), "max_len", 0) or math.ceil(goal / Lb) * Lb
         keep = self.kept_tokens(context)
-        seq = self.masked_after(start, math.ceil(goal / Lb) * Lb - Lp)  # whole blocks
+        seq = self.masked_after(start, math.ceil(goal / Lb) * Lb - start.shape[1])  # whole blocks
         lengths = torch.full((n,), goal, dtype=torch.long, device=seq.device)
         rows = torch.arange(n, device=seq.device)  # rows still generating
         clean = Lp // Lb * Lb  # whole blocks of the prompt are clean prefix
         window = clean - keep if clean + Lb > context else 0  # where position 0 of the cache is
         prefix = PrefixModel(model, Lb, seq[:, window:clean], use_cache=self.use_kv_cache)
         nfe = 0
+        self.inner.recorder = self.recorder
+        if self.recorder is not None:
+            self.recorder.start(seq[:, :goal])
         for b0 in range(clean, seq.shape[1], Lb):
             if b0 - window + Lb > context:  # slide: re-encode the newest `keep` clean tokens
                 nfe += prefix.passes
                 window = b0 - keep
                 prefix = PrefixModel(model, Lb, seq[rows, window:b0], use_cache=self.use_kv_cache)
+            if self.recorder is not None:
+                self.recorder.window(b0, rows, nfe_before=nfe + prefix.passes)
             block, used = self.inner.fill(prefix, seq[rows, b0:b0 + Lb], self.row_subset(generator, rows))
             seq[rows, b0:b0 + Lb] = block
             nfe += used
-            stopped = self.stops(seq[rows, :min(b0 + Lb, goal)], Lp, lengths, rows)
+            stopped = self.stops(seq[rows, :min(b0 + Lb, goal)], Lp, lengths, rows) if template is None \
+                else torch.zeros(len(rows), dtype=torch.bool, device=seq.device)
             if b0 + Lb >= seq.shape[1] or stopped.all():
                 break
             if stopped.any():
@@ -129,7 +143,9 @@ class BlockSampler(Sampler):
         tokens = seq[:, :goal]
         ended = torch.arange(goal, device=seq.device)[None, :] >= lengths[:, None]
         tokens = tokens.masked_fill(ended, self.method.pad_id)
-        variable = self.stop_eos or self.stop_entropy > 0
+        variable = (self.stop_eos or self.stop_entropy > 0) and template is None
+        if self.recorder is not None:
+            self.recorder.finish(tokens, nfe)
         return Generation(tokens, nfe, time.perf_counter() - begin, lengths if variable else None)
 
     def kept_tokens(self, context: int) -> int:
@@ -179,3 +195,9 @@ def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:
     counts.scatter_add_(1, tokens, torch.ones_like(tokens, dtype=torch.float64))
     p = counts / tokens.shape[1]
     return -(p * p.clamp_min(1e-300).log()).sum(1)
+
+
+def first_masked_column(rows: torch.Tensor, mask_id: int) -> int:
+    """The first position at which any row has a MASK (the row length when none has)."""
+    masked = (rows == mask_id).any(0).nonzero()
+    return int(masked[0]) if masked.numel() else rows.shape[1]

@@ -40,6 +40,13 @@ class ImportanceSampler(AncestralSampler):
         tokens, nfe = super().fill(model, z, generator)
         return tokens, nfe + self.energy_passes
 
+    def spent(self, nfe: int) -> int:
+        return nfe + self.energy_passes
+
+    def step_note(self) -> dict:
+        chosen, self.chosen = getattr(self, "chosen", None), None
+        return {} if chosen is None else {"chosen": chosen, "k": self.k}
+
     def in_window(self, t: float) -> bool:
         return self.k > 1 and self.window > 0 and t >= 1.0 - self.window - 1e-12
 
@@ -67,4 +74,5 @@ class ImportanceSampler(AncestralSampler):
         choice = gumbel_argmax(torch.log_softmax(log_w, dim=1), row_gens)  # (n,)
         x0 = z.clone()
         x0[index] = props[index, choice]
+        self.chosen = {int(row): int(j) for row, j in zip(index.tolist(), choice.tolist())}  # for the viewer
         return x0

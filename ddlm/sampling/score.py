@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ddlm.sampling.base import Sampler, gumbel_argmax
+from ddlm.sampling.trace import note_step
 
 PREDICTORS = ("analytic", "euler")
 
@@ -71,8 +72,10 @@ class ScoreSampler(Sampler):
             else:
                 weights = self.analytic_step(z, s, (sigma_bars[i] - sigma_bars[i + 1]).to(device))
             z = torch.where(given, fixed, self.draw(weights, generator))
+            note_step(self, z, i + 1, t=times[i + 1].item())
         z = self.denoise(model, z, times[-1].expand(n).to(device), sigma_bars[-1].to(device), given,
                          fixed, generator)
+        note_step(self, z, self.steps + 1, t=0.0)
         return z, self.steps + 1
 
     def denoise(self, model, z, t, sigma_bar, given, fixed, generator) -> torch.Tensor:
