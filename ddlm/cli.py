@@ -67,6 +67,8 @@ def cmd_eval(args, extra: list[str]) -> int:
         check_appendable(args.results)
     if args.generate:
         return eval_generation(args, extra)
+    if args.infill_test is not None:
+        return eval_infill(args, extra)
     if (args.detokenizer or args.protocol) and not args.zero_shot:
         raise DdlmError("--detokenizer and --protocol apply to --zero-shot evaluation")
     if args.zero_shot and not args.data:
@@ -85,6 +87,19 @@ def cmd_eval(args, extra: list[str]) -> int:
     if args.results:
         sys.stdout.flush()
         append_jsonl(args.results, {"kind": "likelihood", "result": result, "environment": environment()})
+    return 0
+
+
+def eval_infill(args, extra: list[str]) -> int:
+    from ddlm.eval.infill_test import infill_test
+
+    if extra:
+        raise DdlmError(f"--infill-test takes no option {extra[0]}")
+    result = infill_test(args.checkpoint, n=args.infill_test, span=args.infill_span, t_samples=args.infill_samples,
+                         seed=args.seed, split=args.split or "test", progress=not args.json)
+    _emit(result, args.json, f"{result['method']} fills {result['sequences']} spans of {result['span']} tokens: "
+                             f"{result['bpc']:.4f} ± {result['bpc_stderr']:.4f} bits per character "
+                             f"({result['protocol']})")
     return 0
 
 
@@ -357,6 +372,13 @@ def _eval_args(s):
     s.add_argument("--split", default=None, help="train | valid | test (default valid)")
     s.add_argument("--results", default=None, help="append the results to FILE.jsonl (with config, "
                                                    "seed and versions)")
+    f = s.add_argument_group("infilling (--infill-test)")
+    f.add_argument("--infill-test", type=int, default=None, metavar="N",
+                   help="hide a random span in each of N held-out sequences and score it: diffusion given both "
+                        "sides (a bound), AR given the left side (exact)")
+    f.add_argument("--infill-span", type=int, default=16, metavar="S", help="tokens per span (default 16)")
+    f.add_argument("--infill-samples", type=int, default=8, metavar="K",
+                   help="t-samples per span for diffusion bounds (default 8)")
     z = s.add_argument_group("zero-shot (--zero-shot)")
     z.add_argument("--zero-shot", action="store_true",
                    help="evaluate on --data as the papers do: their detokenizer (PTB, WikiText, LAMBADA, LM1B), "

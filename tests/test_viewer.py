@@ -227,3 +227,41 @@ def test_cli_infill_errors_are_one_line(mdlm_run, capsys):
         assert main(["sample", str(mdlm_run), *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("ddlm: error:"), err
+
+
+# ------------------------------------------------------------------------ --infill-test
+
+def test_span_masks_leave_context_on_both_sides():
+    from ddlm.eval.infill_test import span_masks
+
+    masks = span_masks(200, 12, 4, torch.Generator().manual_seed(0))
+    assert (masks.sum(1) == 4).all() and not masks[:, 0].any() and not masks[:, -1].any()
+    first = masks.int().argmax(1)
+    assert torch.equal(masks, (torch.arange(12)[None] >= first[:, None]) & (torch.arange(12)[None] < first[:, None] + 4))
+    assert len(set(first.tolist())) == 12 - 4 - 1  # every start in 1..L-S-1 occurs
+    with pytest.raises(DdlmError):
+        span_masks(1, 12, 11, torch.Generator())
+
+
+def test_infill_test_scores_the_span_given_its_context(mdlm_run, tmp_path, capsys):
+    from ddlm.build import load_for_inference, prepare_data
+    from ddlm.eval.infill_test import span_masks
+
+    assert main(["eval", str(mdlm_run), "--infill-test", "6", "--infill-span", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["context"] == "both" and out["tokens"] == 6 * 5 and out["sequences"] == 6 and not out["exact"]
+    ar = tmp_path / "ar"
+    assert main(["train", "--method", "ar", "--out", str(ar), "--steps", "2", "--json", "--model.dim=32",
+                 "--model.n_layers=1", "--model.n_heads=2", "--data.seq_len=64", "--train.batch_size=2",
+                 "--train.eval_every=0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(ar), "--infill-test", "6", "--infill-span", "5", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["context"] == "left" and out["exact"]
+    loaded = load_for_inference(ar)  # the exact NLL of each span given what precedes it, computed here
+    _, data = prepare_data(loaded.run, loaded.tokenizer)
+    x0 = torch.tensor(data["test"].tokens[:6], dtype=torch.long)
+    spans = span_masks(6, 64, 5, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        nll = loaded.method.token_nll(loaded.model, x0).double()[spans].sum() / 30
+    assert out["nll_per_token"] == pytest.approx(float(nll), rel=1e-4)
