@@ -99,7 +99,7 @@ def test_a_changed_setting_is_evaluated_anew(tiny, monkeypatch):
 @pytest.mark.parametrize("change, message", [
     ({"rows": []}, "needs a list of rows"),
     ({"rows": [{"name": "x", "method": "nope"}]}, "unknown method 'nope'"),
-    ({"rows": [{"name": "x"}]}, "needs either method"),
+    ({"rows": [{"name": "x"}]}, "needs one of method"),
     ({"rows": [{"name": "x", "method": "ar"}, {"name": "x", "method": "mdlm"}]}, "appears twice"),
     ({"rows": [{"name": "e", "sample_of": "missing"}]}, "not a trained row"),
     ({"rows": [{"name": "a", "method": "ar", "colour": 1}]}, "unknown key rows[0].colour"),

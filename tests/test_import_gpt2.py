@@ -230,3 +230,53 @@ def test_cli_export_then_import_round_trip(gpt2_folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["method"] == "ar"
     assert main(["export", str(tmp_path / "run"), "--to", "hf", str(tmp_path / "hf")]) == 2  # exists: one line
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_compare_row_imports_a_published_model_without_training(gpt2_folder, tmp_path, monkeypatch, capsys):
+    """`import: SRC` in a recipe: the folder becomes runs/<row> once (no training), is scored and
+    sampled like any row and judges another; a rerun reuses it."""
+    folder, model = gpt2_folder
+    monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: imported
+base:
+  data: {{seq_len: 16}}
+  model: {{dim: 32, n_layers: 1, n_heads: 2}}
+  train: {{steps: 2, batch_size: 2, eval_every: 0, threads: 1, progress: false}}
+rows:
+  - {{name: gpt2, import: "{folder}"}}
+  - {{name: mdlm, method: mdlm}}
+evaluate:
+  likelihood: {{split: test, max_batches: 1, batch_size: 2}}
+  generation: {{steps: [2], num: 2, length: 8, batch_size: 2, judges: [gpt2]}}
+  conditional: {{judge: gpt2}}
+""")
+    out = tmp_path / "out"
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+    gpt2_row = results["rows"][0]
+    assert gpt2_row["name"] == "gpt2" and gpt2_row["seeds"][0]["train"] == {"steps": 0, "imported": str(folder)}
+    assert gpt2_row["seeds"][0]["likelihood"]["exact"] and len(gpt2_row["seeds"]) == 1
+    assert not (out / "runs" / "gpt2" / "metrics.jsonl").exists()  # imported, never trained
+    judged = results["rows"][1]["seeds"][0]["generation"][0]["judges"]["gpt2"]
+    assert judged["tokens"] > 0
+    imported = load_for_inference(out / "runs" / "gpt2", torch.device("cpu"))
+    tokens = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.allclose(imported.model(tokens, mask="causal")[..., :50257], model(tokens).logits, atol=1e-5)
+    written = (out / "runs" / "gpt2" / "latest").stat().st_mtime_ns
+    assert main(["compare", str(recipe), "--out", str(out), "--json"]) == 0
+    assert (out / "runs" / "gpt2" / "latest").stat().st_mtime_ns == written
+
+
+def test_import_rows_take_no_training_options():
+    from ddlm.compare.recipe import parse_recipe
+    from ddlm.errors import ConfigError
+
+    for row in ({"name": "g", "import": "x", "method": "ar"}, {"name": "g", "import": "x", "seeds": 3},
+                {"name": "g", "import": "x", "train": {"steps": 3}}):
+        with pytest.raises(ConfigError) as err:
+            parse_recipe({"name": "r", "rows": [row]}, "r.yaml")
+        assert "\n" not in str(err.value)

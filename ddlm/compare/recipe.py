@@ -69,6 +69,7 @@ class Row:
     model: dict = field(default_factory=dict)  # overrides of the shared backbone (e.g. block: gated)
     init: str = ""  # start from this row's run (EDLM-NCE from MDLM)
     sample_of: str = ""  # or: not trained; this row's run, sampled with `sample_options`
+    imported: str = ""  # or: not trained; a published model folder (`import: SRC`), imported once
     sample_options: dict = field(default_factory=dict)  # method options at sample/eval time
     eval: dict = field(default_factory=dict)  # overrides of the likelihood protocol for this row
     note: str = ""  # what differs from the shared budget, printed in the report
@@ -142,7 +143,18 @@ class Recipe:
         """How many training seeds the row has (a sampled row: those of the row it samples)."""
         if row.sample_of:
             row = self.row(row.sample_of)
+        if row.imported:  # a published model is one training run
+            return 1
         return row.seeds or self.seeds
+
+
+def _import_key(row):
+    """A row's `import: SRC` (a Python keyword) as the field `imported`."""
+    if isinstance(row, dict) and "import" in row:
+        if "imported" in row:
+            raise ConfigError(f"row {row.get('name')!r} gives both import and imported")
+        row = {("imported" if k == "import" else k): v for k, v in row.items()}
+    return row
 
 
 def _section(cls, values, where: str):
@@ -298,7 +310,7 @@ def parse_recipe(data: dict, path: str = "", *, scale: str | None = None) -> Rec
     raw_rows = data.get("rows") or []
     if not isinstance(raw_rows, list) or not raw_rows:
         raise ConfigError(f"recipe {path!r} needs a list of rows")
-    rows = [_section(Row, r, f"rows[{i}]") for i, r in enumerate(raw_rows)]
+    rows = [_section(Row, _import_key(r), f"rows[{i}]") for i, r in enumerate(raw_rows)]
     evaluate = data.get("evaluate") or {}
     unknown = sorted(set(evaluate) - {"likelihood", "generation", "conditional"})
     if unknown:
@@ -366,8 +378,11 @@ def check_rows(recipe: Recipe) -> None:
                               f"on a trained row (a sampled row has the seeds of the row it samples)")
         if names.count(row.name) > 1:
             raise ConfigError(f"row name {row.name!r} appears twice")
-        if bool(row.method) == bool(row.sample_of):
-            raise ConfigError(f"row {row.name!r} needs either method (trained) or sample_of (not both)")
+        if sum(map(bool, (row.method, row.sample_of, row.imported))) != 1:
+            raise ConfigError(f"row {row.name!r} needs one of method (trained), sample_of or import (not trained)")
+        if row.imported and (row.init or row.options or row.train or row.model or row.seeds):
+            raise ConfigError(f"row {row.name!r} imports {row.imported!r}: it takes no init, options, train, "
+                              "model or seeds (its config comes from the folder)")
         if row.method and row.method not in method_names():
             raise ConfigError(f"row {row.name!r}: unknown method {row.method!r}; "
                               f"choose one of: {', '.join(method_names())}")

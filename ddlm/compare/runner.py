@@ -73,6 +73,7 @@ class Comparison:
         self.stage_dir = self.out / "stages"
         self._loaded: dict[str, object] = {}
         self._judges: dict[str, object] = {}
+        self._imported: dict[str, object] = {}  # imported rows' run configs
         self._references: dict[str, dict] = {}
         self.wait_group = None
         if dist is not None and dist.active and dist.world_size > 1:
@@ -86,7 +87,7 @@ class Comparison:
     # ---- the plan ---------------------------------------------------------------------------
     def plan(self) -> list[Stage]:
         recipe = self.recipe
-        trained = [r for r in recipe.rows if r.method]
+        trained = [r for r in recipe.rows if r.method or r.imported]
         trained.sort(key=lambda r: bool(r.init))  # a row started from another comes after it
         stages = [Stage("train", r, seed=k) for k in range(recipe.seeds) for r in trained
                   if k < recipe.seeds_of(r)]
@@ -101,7 +102,7 @@ class Comparison:
         stages = [Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k)]
         stages += [Stage("zero_shot", row, {**dataclasses.asdict(recipe.likelihood), **row.eval,
                                             **dataclasses.asdict(corpus)}, k) for corpus in recipe.zero_shot]
-        steps_list = gen.steps if method_class(self.source(row).method).has_steps else gen.steps[:1]
+        steps_list = gen.steps if method_class(self.run_config(self.source(row)).method).has_steps else gen.steps[:1]
         for steps in steps_list:
             for top_p in gen.top_p:
                 stages.append(Stage("generation", row, {**dataclasses.asdict(gen), "steps": int(steps),
@@ -117,6 +118,8 @@ class Comparison:
         """The run config of training seed `seed` of a trained row: the shared base, its method
         and options, train.seed shifted by `seed` (and, with `inherit`, the method options of the
         run it starts from: seed `seed` of that row)."""
+        if row.imported:
+            return self.imported_config(row)
         base = json.loads(json.dumps(self.recipe.base))
         base["method"] = row.method
         base[row.method] = {**base.get(row.method, {}), **self.resolve(row.options, seed)}
@@ -135,6 +138,18 @@ class Comparison:
             base["train"]["init"] = str(self.run_dir(row.init, seed))
         base["train"].setdefault("progress", not self.quiet)
         return make_config(base=base)
+
+    def imported_config(self, row: Row):
+        """An imported row's run config: its run directory's, or the folder's mapped config before
+        the import (read once)."""
+        if row.name not in self._imported:
+            from ddlm.checkpoint import load_checkpoint
+            from ddlm.interop.import_ import read_source
+
+            run_dir = self.run_dir(row.name)
+            self._imported[row.name] = load_checkpoint(run_dir).config if (run_dir / "latest").is_file() \
+                else read_source(row.imported).run
+        return self._imported[row.name]
 
     def resolve(self, options: dict, seed: int = 0) -> dict:
         """'@name' -> the run directory of seed `seed` of that row, in option values."""
@@ -195,7 +210,7 @@ class Comparison:
         """Every trained row's run config, validated before anything is trained: a bad option in
         the last row is a one-line error now, not after the first rows' training."""
         for row in self.recipe.rows:
-            if row.method:
+            if row.method or row.imported:
                 try:
                     self.run_config(row, inherit=False)
                 except DdlmError as err:
@@ -291,8 +306,24 @@ class Comparison:
             append_jsonl(self.out / "results.jsonl", record)
         return result
 
+    def import_row(self, row: Row) -> dict:
+        """An `import: SRC` row: the folder imported into runs/<row> once (rank 0 writes)."""
+        from ddlm.interop.import_ import import_model
+
+        run_dir = self.run_dir(row.name)
+
+        def write() -> dict:
+            if not (run_dir / "latest").is_file():
+                import_model(row.imported, run_dir, overwrite=run_dir.exists())
+            return {"steps": 0, "imported": row.imported}
+
+        return self.shared(write, collective=True) if self.dist is not None else write()
+
     def train(self, row: Row, seed: int = 0) -> dict:
         from ddlm.train.loop import train
+
+        if row.imported:
+            return self.import_row(row)
 
         run, run_dir = self.run_config(row, seed), self.run_dir(row.name, seed)
         if self.dist is None:
@@ -467,7 +498,8 @@ class Comparison:
         for row in self.recipe.rows:
             src = self.source(row)
             config = self.run_config(src)
-            method = row.method or f"{config.method} + {', '.join(f'{k}={v}' for k, v in row.sample_options.items())}"
+            method = row.method or (config.method if row.imported else
+                                    f"{config.method} + {', '.join(f'{k}={v}' for k, v in row.sample_options.items())}")
             runs = [{**run, "train": results[src.name][run["seed"]].get("train")} for run in results[row.name]]
             rows.append({"name": row.name, "method": method, "note": row.note, "trained_as": src.name,
                          "config": config.to_dict(), "seeds": runs})
