@@ -189,8 +189,22 @@ class SampleConfig:
     top_p: float = 1.0
     """Nucleus sampling mass (1: off)."""
     sampler: str = ""
-    """Sampler name ('' : the method's default; mdlm: ancestral | first_hitting, sedd: analytic |
-    euler)."""
+    """Sampler name ('' : the method's default; mdlm / bd3: ancestral | first_hitting | remdm |
+    confidence, sedd: analytic | euler)."""
+    remask: str = "cap"
+    """remdm (ReMDM, docs/samplers.md): the remasking schedule, cap | rescale | conf | loop."""
+    eta: float = 0.02
+    """remdm cap / rescale / loop: eta_cap, eta_rescale or the loop's sigma (0: the ancestral
+    sampler, token for token, for cap and rescale); conf has no eta."""
+    t_on: float = 0.55
+    """remdm loop: remasking runs while t_off < t <= t_on, at the fixed clean fraction alpha_on."""
+    t_off: float = 0.05
+    """remdm loop: the end of the remasking phase."""
+    alpha_on: float = 0.9
+    """remdm loop: the clean fraction held during the remasking phase."""
+    threshold: float = 0.9
+    """confidence: decode every masked token whose drawn token has probability >= threshold (at
+    least the most confident one a step; 1.0: exactly one a step). `steps` only caps its steps."""
     cache: bool = True
     """Use the method's cache (AR: KV cache; MDLM: no-change cache)."""
     t_min: float = 1e-5
@@ -229,6 +243,13 @@ class SampleConfig:
         _check(0 < self.t_min < 1, f"sample.t_min={self.t_min} must be in (0, 1)")
         _check(self.noise_removal in ("draw", "argmax"),
                f"sample.noise_removal={self.noise_removal!r} must be 'draw' or 'argmax'")
+        _check(self.remask in ("cap", "rescale", "conf", "loop"),
+               f"sample.remask={self.remask!r} must be one of cap, rescale, conf, loop")
+        _check(0 <= self.eta <= 1, f"sample.eta={self.eta} must be in [0, 1]")
+        _check(0 <= self.t_off < self.t_on <= 1,
+               f"sample.t_off={self.t_off} and sample.t_on={self.t_on} must satisfy 0 <= t_off < t_on <= 1")
+        _check(0 < self.alpha_on < 1, f"sample.alpha_on={self.alpha_on} must be in (0, 1)")
+        _check(0 < self.threshold <= 1, f"sample.threshold={self.threshold} must be in (0, 1]")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,

@@ -332,7 +332,8 @@ class BD3(MDLM):
     # ---- sampling --------------------------------------------------------------------------
 
     def sampler(self, cfg):
-        """Block by block; inside a block MDLM's ancestral (cfg.steps per block) or first-hitting."""
+        """Block by block; inside a block MDLM's ancestral (cfg.steps per block), first-hitting, remdm or
+        confidence (MDLM.samplers)."""
         from ddlm.sampling.block import BlockSampler
 
         return BlockSampler(self, super().sampler(cfg), use_kv_cache=cfg.cache, stride=cfg.stride,

@@ -142,7 +142,7 @@ class MDLM(DiffusionMethod):
     config_class = MDLMConfig
     bound_name = "NELBO (continuous eq. 11, or discrete eq. 10 with mdlm.discrete_steps) + prior KL"
     likelihood_source = "MDLM Table 1, BD3-LM Table 3: MDLM below SEDD"
-    samplers = ("ancestral", "first_hitting")
+    samplers = ("ancestral", "first_hitting", "remdm", "confidence")
 
     @classmethod
     def likelihood_rank(cls, options: dict) -> float | None:
@@ -332,11 +332,21 @@ class MDLM(DiffusionMethod):
         return {self.window_key: f"t ~ U[{windows[-1][0]}, {windows[-1][1]}] (chosen by the search)"}
 
     def sampler(self, cfg):
-        """The sampler a SampleConfig names: ancestral (default) | first_hitting."""
+        """The sampler a SampleConfig names: ancestral (default) | first_hitting | remdm (ReMDM
+        remasking) | confidence (threshold-parallel decoding); docs/samplers.md."""
         from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
+        from ddlm.sampling.confidence import ConfidenceSampler
+        from ddlm.sampling.remask import RemaskingSampler
 
         common = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stride=cfg.stride)
-        if self.sampler_name(cfg) == "first_hitting":
+        name = self.sampler_name(cfg)
+        if name == "first_hitting":
             return FirstHittingSampler(self, **common)
+        if name == "confidence":
+            return ConfidenceSampler(self, threshold=cfg.threshold, steps=cfg.steps, t_min=cfg.t_min, **common)
+        if name == "remdm":
+            return RemaskingSampler(self, remask=cfg.remask, eta=cfg.eta, t_on=cfg.t_on, t_off=cfg.t_off,
+                                    alpha_on=cfg.alpha_on, steps=cfg.steps, use_cache=cfg.cache,
+                                    t_min=cfg.t_min, noise_removal=cfg.noise_removal, **common)
         return AncestralSampler(self, steps=cfg.steps, use_cache=cfg.cache, t_min=cfg.t_min,
                                 noise_removal=cfg.noise_removal, **common)
