@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ddlm import runtime
-from ddlm.eval.run import evaluate_checkpoint
+from ddlm.commands.evaluate import evaluate_checkpoint
 
 OUT = Path(__file__).parent / "results" / "edlm_bound_draws.json"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ddlm.build import prepare_data
 from ddlm.config import make_config
 from ddlm.eval.plots import plot_validation_curves, validation_curve
-from ddlm.eval.run import evaluate_checkpoint
+from ddlm.commands.evaluate import evaluate_checkpoint
 from ddlm.quickstart import CHAR_QUICKSTART
 from ddlm.train.loop import train
 

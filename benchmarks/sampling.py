@@ -57,7 +57,7 @@ from ddlm.sampling.ancestral import AncestralSampler, FirstHittingSampler
 from ddlm.sampling.ar import ARSampler
 from ddlm.sampling.base import row_generators
 from ddlm.sampling.block import BlockSampler
-from ddlm.sampling.run import length_stats
+from ddlm.commands.sample import length_stats
 from ddlm.sampling.score import ScoreSampler
 
 VOCAB, BOS, MASK, PAD = 30, 27, 28, 29  # the char tokenizer's layout

@@ -61,7 +61,7 @@ def cmd_train(args, extra: list[str]) -> int:
 # -- eval -----------------------------------------------------------------------------------
 def cmd_eval(args, extra: list[str]) -> int:
     from ddlm.eval.records import append_jsonl, check_appendable, environment
-    from ddlm.eval.run import evaluate_checkpoint
+    from ddlm.commands.evaluate import evaluate_checkpoint
 
     if args.results:  # checked before evaluating; written after the result is printed, so it is never lost
         check_appendable(args.results)
@@ -115,7 +115,7 @@ def _numbers(text: str, kind, flag: str) -> list:
 
 def eval_generation(args, extra: list[str]) -> int:
     from ddlm.eval.records import append_jsonl
-    from ddlm.eval.run import evaluate_generation
+    from ddlm.commands.evaluate import evaluate_generation
     from ddlm.methods.base import method_class
 
     steps = _numbers(args.gen_steps, int, "--gen-steps")
@@ -148,7 +148,7 @@ def eval_generation(args, extra: list[str]) -> int:
 
 # -- sample ---------------------------------------------------------------------------------
 def cmd_sample(args, extra: list[str]) -> int:
-    from ddlm.sampling.run import sample_checkpoint
+    from ddlm.commands.sample import sample_checkpoint
 
     for flag, value in (("--num", args.num), ("--length", args.length)):
         if value is not None and value < 1:
@@ -169,7 +169,7 @@ def cmd_sample(args, extra: list[str]) -> int:
     if args.out:
         lines = [json.dumps({"index": i, "text": text, "tokens": result["tokens"][i]}) + "\n"
                  for i, text in enumerate(result["texts"])]
-        from ddlm.sampling.run import write_output
+        from ddlm.commands.sample import write_output
 
         write_output(args.out, "".join(lines))
     if args.json:
@@ -257,7 +257,7 @@ def check_writable_file(path: str) -> None:
 
 # -- info -----------------------------------------------------------------------------------
 def cmd_info(args, extra: list[str]) -> int:
-    from ddlm.eval.run import checkpoint_info
+    from ddlm.commands.evaluate import checkpoint_info
 
     info = checkpoint_info(args.checkpoint)
     lines = [f"{k}: {v}" for k, v in info.items() if k != "config"]

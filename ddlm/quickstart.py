@@ -16,8 +16,8 @@ from ddlm import runtime
 from ddlm.config import make_config, parse_overrides
 from ddlm.data.corpora import load_corpus
 from ddlm.eval.generation import known_word_rate, words
-from ddlm.eval.run import evaluate_checkpoint
-from ddlm.sampling.run import sample_checkpoint
+from ddlm.commands.evaluate import evaluate_checkpoint
+from ddlm.commands.sample import sample_checkpoint
 from ddlm.train.loop import train
 
 QUICKSTART = {

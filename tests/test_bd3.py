@@ -29,13 +29,13 @@ from ddlm.config import SampleConfig, make_config
 from ddlm.data import build_tokenizer
 from ddlm.data.markov import chain_states
 from ddlm.errors import ConfigError
-from ddlm.eval.run import checkpoint_info
+from ddlm.commands.evaluate import checkpoint_info
 from ddlm.methods.bd3 import BD3, BD3Config, window_grid
 from ddlm.methods.mdlm import MDLM, MDLMConfig, subs_log_probs
 from ddlm.nn.attention import block_causal_mask, block_diffusion_mask, prefix_block_mask
 from ddlm.sampling.base import row_generators
 from ddlm.sampling.block import BlockSampler, PrefixModel
-from ddlm.sampling.run import sample_checkpoint
+from ddlm.commands.sample import sample_checkpoint
 from ddlm.train.loop import Trainer, train
 
 from conftest import (JOINT, MASK, V, ExactMaskedAttention, all_sequences, conditional,

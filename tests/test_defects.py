@@ -305,7 +305,7 @@ def _read_in_background(fifo):
 
 
 def test_sample_output_to_a_fifo_is_written_into_it_not_replaced(tmp_path):
-    from ddlm.sampling.run import write_output
+    from ddlm.commands.sample import write_output
 
     fifo = tmp_path / "samples.fifo"
     os.mkfifo(fifo)
@@ -317,7 +317,7 @@ def test_sample_output_to_a_fifo_is_written_into_it_not_replaced(tmp_path):
 
 
 def test_sample_output_to_a_character_device_is_written_into_it_not_replaced(tmp_path):
-    from ddlm.sampling.run import write_output
+    from ddlm.commands.sample import write_output
 
     device = tmp_path / "null"
     try:

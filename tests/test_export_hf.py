@@ -15,10 +15,10 @@ from ddlm.build import load_for_inference
 from ddlm.checkpoint import load_checkpoint, save_checkpoint
 from ddlm.config import ModelConfig
 from ddlm.errors import DdlmError
-from ddlm.eval.run import evaluate_checkpoint
+from ddlm.commands.evaluate import evaluate_checkpoint
 from ddlm.interop.export import detect_export, export_hf, import_export
 from ddlm.interop.rundir import write_run
-from ddlm.sampling.run import sample_checkpoint
+from ddlm.commands.sample import sample_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

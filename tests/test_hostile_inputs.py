@@ -140,7 +140,7 @@ def test_a_torn_last_metrics_line_is_still_skipped(run):
 # ------------------------------------------------------------------------ 3. eval --results
 
 def test_eval_results_naming_a_directory_is_refused_before_evaluating(run, tmp_path, capsys, monkeypatch):
-    import ddlm.eval.run as eval_run
+    import ddlm.commands.evaluate as eval_run
 
     def never(*args, **kwargs):
         raise AssertionError("evaluated before checking --results")

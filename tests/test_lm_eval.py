@@ -123,7 +123,7 @@ def test_ar_loglikelihood_is_the_exact_conditional_log_probability(runs):
 @pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3"])
 def test_rolling_is_the_ddlm_eval_figure(runs, method, monkeypatch):
     from ddlm.data import build_tokenizer, encode_documents, load_corpus
-    from ddlm.eval.run import evaluate_checkpoint
+    from ddlm.commands.evaluate import evaluate_checkpoint
 
     paths, corpus = runs
     monkeypatch.setenv("DDLM_CACHE", str(corpus.parent / "cache"))

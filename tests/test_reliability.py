@@ -316,7 +316,7 @@ def test_sample_out_is_checked_first_and_replaced_atomically(trained, tmp_path, 
     target.write_text("old samples\n")
     import builtins
 
-    import ddlm.sampling.run as sampling_run
+    import ddlm.commands.sample as sampling_run
 
     class FullDisk:
         """A file whose writes fail as on a full device."""
@@ -363,7 +363,7 @@ def test_same_seed_same_samples_and_same_loss_curve(tmp_path):
     a = train(tiny(steps=4), tmp_path / "a", quiet=True)
     b = train(tiny(steps=4), tmp_path / "b", quiet=True)
     assert a.losses == b.losses
-    from ddlm.sampling.run import sample_checkpoint
+    from ddlm.commands.sample import sample_checkpoint
 
     first = sample_checkpoint(tmp_path / "a", options={"num": 3, "length": 16, "seed": 7})
     second = sample_checkpoint(tmp_path / "b", options={"num": 3, "length": 16, "seed": 7})

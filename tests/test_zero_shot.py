@@ -177,7 +177,7 @@ def runs(tmp_path_factory):
 
 def test_zero_shot_eval_counts_the_papers_tokens_and_scores_the_exact_ar_nll(runs, monkeypatch):
     from ddlm.build import load_for_inference
-    from ddlm.eval.run import evaluate_checkpoint
+    from ddlm.commands.evaluate import evaluate_checkpoint
 
     root, corpus = runs
     monkeypatch.setenv("DDLM_CACHE", str(root / "cache"))
@@ -208,7 +208,7 @@ def test_zero_shot_eval_counts_the_papers_tokens_and_scores_the_exact_ar_nll(run
 
 
 def test_zero_shot_eval_of_a_diffusion_run_is_a_bound_on_the_same_tokens(runs, monkeypatch):
-    from ddlm.eval.run import evaluate_checkpoint
+    from ddlm.commands.evaluate import evaluate_checkpoint
 
     from ddlm.eval import zero_shot
 

@@ -368,7 +368,7 @@ class Comparison:
         return self._judges[key]
 
     def likelihood(self, stage: Stage) -> dict:
-        from ddlm.eval.run import evaluate_checkpoint
+        from ddlm.commands.evaluate import evaluate_checkpoint
 
         row, spec = stage.row, stage.spec
         loaded = self.loaded(row, stage.seed)
@@ -387,7 +387,7 @@ class Comparison:
         from ddlm import runtime
         from ddlm.config import section_config, split_sections
         from ddlm.eval.likelihood import evaluate_likelihood
-        from ddlm.eval.run import protocol_text
+        from ddlm.commands.evaluate import protocol_text
 
         eval_args, _ = split_sections(args, "eval")
         run, dist = loaded.run, self.dist

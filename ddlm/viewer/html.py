@@ -114,7 +114,7 @@ def page(line: Timeline, tokenizer, *, title: str, meta: dict) -> str:
 
 
 def write_page(path: str | Path, line: Timeline, tokenizer, *, title: str, meta: dict) -> Path:
-    from ddlm.sampling.run import write_output
+    from ddlm.commands.sample import write_output
 
     write_output(path, page(line, tokenizer, title=title, meta=meta))
     return Path(path)
