@@ -124,3 +124,22 @@ def test_cli_compare_refuses_a_missing_recipe_and_a_file_as_out(tmp_path, capsys
     (tmp_path / "file").write_text("x")
     assert main(["compare", str(recipe), "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_row_may_sample_another_row_with_its_own_sampler(tmp_path, monkeypatch):
+    """`sample: {sampler: ...}` on a sampled row: the same run drawn by another sampler, its NFE and
+    quality beside the trained row's; a bad sampling option is one line before anything runs."""
+    monkeypatch.setenv("DDLM_CACHE", str(tmp_path / "cache"))
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(TINY.replace('  - {name: mdlm, method: mdlm, note: "the diffusion row"}', '''  - {name: mdlm, method: mdlm}
+  - {name: mdlm-fh, sample_of: mdlm, sample: {sampler: first_hitting}}''').replace("conditional: {prompts: 6", "conditional: {prompts: 0"))
+    assert main(["compare", str(recipe), "--out", str(tmp_path / "out"), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "results.json").read_text())["rows"]}
+    fh, mdlm = rows["mdlm-fh"]["seeds"][0]["generation"], rows["mdlm"]["seeds"][0]["generation"]
+    assert rows["mdlm-fh"]["method"] == "mdlm + sampler=first_hitting"
+    assert [g["nfe"] for g in fh] == [16.0] * 4  # first hitting: one call per token, whatever T
+    assert [g["nfe"] for g in mdlm][:2] != [16.0, 16.0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(recipe.read_text().replace("sampler: first_hitting", "sampler: first_hitting, top_p: 7"))
+    assert main(["compare", str(bad), "--out", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "out2" / "runs").exists()

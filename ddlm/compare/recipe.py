@@ -71,6 +71,7 @@ class Row:
     sample_of: str = ""  # or: not trained; this row's run, sampled with `sample_options`
     imported: str = ""  # or: not trained; a published model folder (`import: SRC`), imported once
     sample_options: dict = field(default_factory=dict)  # method options at sample/eval time
+    sample: dict = field(default_factory=dict)  # sampling options of this row (e.g. sampler: confidence)
     eval: dict = field(default_factory=dict)  # overrides of the likelihood protocol for this row
     note: str = ""  # what differs from the shared budget, printed in the report
     seeds: int = 0  # training seeds of this row (0: the recipe's `seeds`)

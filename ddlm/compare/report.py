@@ -40,9 +40,12 @@ def est(e: Estimate | None, digits: int = 3) -> str:
 def method_of(row: dict) -> str:
     """The method a row's samples and bounds come from: its own, or the one its sample options
     wrap its source run in (EDLM around an MDLM run)."""
+    from ddlm.methods.base import method_names
+
     if row["method"] == row["config"]["method"]:
         return row["method"]
-    return row["method"].partition(" + ")[2].partition(".")[0] or row["config"]["method"]
+    wrapper = row["method"].partition(" + ")[2].partition(".")[0]  # "--edlm.energy=..." -> edlm
+    return wrapper if wrapper in method_names() else row["config"]["method"]  # a sampler option: its own
 
 
 def _class(row: dict):

@@ -103,12 +103,13 @@ class Comparison:
         stages += [Stage("zero_shot", row, {**dataclasses.asdict(recipe.likelihood), **row.eval,
                                             **dataclasses.asdict(corpus)}, k) for corpus in recipe.zero_shot]
         steps_list = gen.steps if method_class(self.run_config(self.source(row)).method).has_steps else gen.steps[:1]
+        sampling = {"sample": row.sample} if row.sample else {}  # (absent: earlier stages' fingerprints hold)
         for steps in steps_list:
             for top_p in gen.top_p:
                 stages.append(Stage("generation", row, {**dataclasses.asdict(gen), "steps": int(steps),
-                                                        "top_p": float(top_p)}, k))
+                                                        "top_p": float(top_p), **sampling}, k))
         if recipe.conditional.prompts:
-            stages.append(Stage("conditional", row, dataclasses.asdict(recipe.conditional), k))
+            stages.append(Stage("conditional", row, {**dataclasses.asdict(recipe.conditional), **sampling}, k))
         return stages
 
     def run_dir(self, row: str, seed: int = 0) -> Path:
@@ -217,6 +218,13 @@ class Comparison:
                     raise ConfigError(f"row {row.name!r}: {err}") from None
             for k in range(self.recipe.seeds_of(row)):
                 self.resolve(row.sample_options, k)
+            if row.sample:
+                from ddlm.config import SampleConfig, section_config
+
+                try:
+                    section_config(SampleConfig(), "sample", {}, [f"--sample.{k}={v}" for k, v in row.sample.items()])
+                except DdlmError as err:
+                    raise ConfigError(f"row {row.name!r}: {err}") from None
 
     # ---- running ----------------------------------------------------------------------------
     def run(self) -> dict | None:
@@ -441,7 +449,7 @@ class Comparison:
         spec, loaded = stage.spec, self.loaded(stage.row, stage.seed)
         judges = {name: self.judge(name, stage.seed) for name in spec["judges"]}
         length = spec["length"] or loaded.run.model.max_len
-        setting = Setting(spec["steps"], spec["top_p"])
+        setting = Setting(spec["steps"], spec["top_p"], spec.get("sample", {}))
         try:
             result = unconditional(loaded, setting, judges, num=spec["num"], length=length,
                                    seed=spec["seed"] + stage.seed, batch_size=spec["batch_size"])
@@ -487,7 +495,8 @@ class Comparison:
         reference = self._references.setdefault(run_name(spec["judge"], self.judge_seed(spec["judge"], stage.seed))
                                                 if spec["judge"] in [r.name for r in self.recipe.rows]
                                                 else spec["judge"], {})
-        result = conditional(loaded, prompts, truths, judge, setting=Setting(spec["steps"], spec["top_p"]),
+        result = conditional(loaded, prompts, truths, judge, setting=Setting(spec["steps"], spec["top_p"],
+                                                                             spec.get("sample", {})),
                              seed=spec["seed"] + stage.seed, batch_size=spec["batch_size"], reference=reference)
         result["self_judged"] = self.self_judged(stage.row, spec["judge"], stage.seed)
         return result
@@ -498,8 +507,9 @@ class Comparison:
         for row in self.recipe.rows:
             src = self.source(row)
             config = self.run_config(src)
+            options = {**row.sample_options, **row.sample}
             method = row.method or (config.method if row.imported else
-                                    f"{config.method} + {', '.join(f'{k}={v}' for k, v in row.sample_options.items())}")
+                                    f"{config.method} + {', '.join(f'{k}={v}' for k, v in options.items())}")
             runs = [{**run, "train": results[src.name][run["seed"]].get("train")} for run in results[row.name]]
             rows.append({"name": row.name, "method": method, "note": row.note, "trained_as": src.name,
                          "config": config.to_dict(), "seeds": runs})

@@ -31,6 +31,7 @@ class Setting:
 
     steps: int
     top_p: float = 1.0
+    sample: dict = dataclasses.field(default_factory=dict)  # other SampleConfig fields (e.g. the sampler)
 
     @property
     def label(self) -> str:
@@ -70,8 +71,13 @@ def draw(loaded, cfg: SampleConfig, num: int, length: int, *,
 
 
 def sample_config(loaded, setting: Setting, *, seed: int, batch_size: int, **fields) -> SampleConfig:
-    return dataclasses.replace(loaded.run.sample, steps=setting.steps, top_p=setting.top_p, seed=seed,
-                               batch_size=batch_size, num=1, **fields)
+    cfg = dataclasses.replace(loaded.run.sample, steps=setting.steps, top_p=setting.top_p, seed=seed,
+                              batch_size=batch_size, num=1, **fields)
+    if setting.sample:
+        from ddlm.config import section_config
+
+        cfg = section_config(cfg, "sample", {}, [f"--sample.{k}={v}" for k, v in setting.sample.items()])
+    return cfg
 
 
 def unconditional(loaded, setting: Setting, judges: dict, *, num: int, length: int, seed: int = 0,
