@@ -143,3 +143,18 @@ def test_a_row_may_sample_another_row_with_its_own_sampler(tmp_path, monkeypatch
     bad.write_text(recipe.read_text().replace("sampler: first_hitting", "sampler: first_hitting, top_p: 7"))
     assert main(["compare", str(bad), "--out", str(tmp_path / "out2")]) == 2
     assert not (tmp_path / "out2" / "runs").exists()
+
+
+def test_options_added_later_at_their_default_keep_a_stage_identity():
+    """A stage's fingerprint reads the run config without options added after stages were first
+    cached, while they hold their default (so a new option does not redo finished evaluations);
+    set to anything else they count."""
+    from ddlm.config import make_config
+    from ddlm.compare.runner import LATER_FIELDS, stage_config
+
+    plain = stage_config(make_config(base={"method": "ar"}))
+    assert all(name not in plain[section] for section, names in LATER_FIELDS.items() for name in names)
+    assert "dim" in plain["model"] and "steps" in plain["sample"]
+    changed = stage_config(make_config(base={"method": "ar", "model": {"positions": "learned"},
+                                             "sample": {"sampler": "", "threshold": 0.5}}))
+    assert changed["model"]["positions"] == "learned" and changed["sample"]["threshold"] == 0.5

@@ -240,7 +240,9 @@ def likelihood_table(results: dict) -> list[str]:
         lik = likelihood(row)
         first = (runs(row)[0].get("likelihood") or {}) if runs(row) else {}
         if lik is None:
-            lines.append(f"| {row['name']} | — | | | {first.get('skipped', 'not evaluated')} | | | | |")
+            same = f"the bound of {row['trained_as']} (a sampler does not change it)" \
+                if row["trained_as"] != row["name"] and " + sampler=" in row["method"] else "not evaluated"
+            lines.append(f"| {row['name']} | — | | | {first.get('skipped', same)} | | | | |")
             continue
         liks = [r["likelihood"] for r in runs(row) if "bpc" in (r.get("likelihood") or {})]
         text = f"{first['split']} split, {first['sequences']} sequences; {first['protocol']}"

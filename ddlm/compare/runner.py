@@ -99,7 +99,9 @@ class Comparison:
 
     def evaluations(self, row: Row, k: int) -> list[Stage]:
         recipe, gen = self.recipe, self.recipe.generation
-        stages = [Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k)]
+        stages = []
+        if not (row.sample and not row.sample_options):  # a sampler alone does not change the bound
+            stages.append(Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k))
         stages += [Stage("zero_shot", row, {**dataclasses.asdict(recipe.likelihood), **row.eval,
                                             **dataclasses.asdict(corpus)}, k) for corpus in recipe.zero_shot]
         steps_list = gen.steps if method_class(self.run_config(self.source(row)).method).has_steps else gen.steps[:1]
@@ -170,7 +172,7 @@ class Comparison:
     def fingerprint(self, stage: Stage) -> str:
         """A hash of what the stage's result depends on: the run's config, the options, the spec."""
         src = self.source(stage.row)
-        payload = {"kind": stage.kind, "run": self.run_config(src, stage.seed).to_dict(), "spec": stage.spec,
+        payload = {"kind": stage.kind, "run": stage_config(self.run_config(src, stage.seed)), "spec": stage.spec,
                    "sample_options": self.resolve(stage.row.sample_options, stage.seed)}
         if stage.kind in ("generation", "conditional"):
             payload["judges"] = {j: self.judge_identity(j, stage.seed) for j in self.judge_names(stage)}
@@ -193,7 +195,7 @@ class Comparison:
 
         if name in [r.name for r in self.recipe.rows]:
             k = self.judge_seed(name, seed)
-            return {"run": self.run_config(self.recipe.row(name), k).to_dict(), "protocol": PROTOCOL}
+            return {"run": stage_config(self.run_config(self.recipe.row(name), k)), "protocol": PROTOCOL}
         return {"spec": name, "protocol": PROTOCOL}
 
     def self_judged(self, row: Row, judge: str, seed: int = 0) -> bool:
@@ -531,6 +533,25 @@ class Comparison:
 
         write_report(payload, self.out)
         return payload
+
+
+# Config fields added after stage fingerprints existed: at their default they leave a stage's
+# identity unchanged, so a new option that keeps the old behaviour does not redo finished stages.
+LATER_FIELDS = {"model": ("positions", "bias", "tie_embeddings", "output_vocab"), "train": ("log",),
+                "sample": ("remask", "eta", "t_on", "t_off", "alpha_on", "threshold")}
+
+
+def stage_config(run) -> dict:
+    """run.to_dict() without the LATER_FIELDS that hold their default value."""
+    from ddlm.config import SECTIONS
+
+    out = run.to_dict()
+    for section, names in LATER_FIELDS.items():
+        default = SECTIONS[section]()
+        for name in names:
+            if name in out[section] and out[section][name] == getattr(default, name):
+                del out[section][name]
+    return out
 
 
 def training_summary(run_dir: Path) -> dict:
