@@ -160,7 +160,7 @@ def cmd_sample(args, extra: list[str]) -> int:
         check_writable_file(args.out)
     if args.show_html:
         check_writable_file(args.show_html)
-    watch = Watch(args.show, args.show_html)
+    watch = Watch(args.show, args.show_html, stream=sys.stderr if args.json else sys.stdout)
     result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra,
                                judge=args.judge, infill=args.infill, recorder=watch.recorder, on_load=watch.loaded)
     watch.write_page(result)
@@ -192,10 +192,10 @@ def cmd_sample(args, extra: list[str]) -> int:
 class Watch:
     """--show (the terminal, live) and --show-html FILE (a page written after the draw)."""
 
-    def __init__(self, show: bool, html_path: str | None) -> None:
+    def __init__(self, show: bool, html_path: str | None, stream=None) -> None:
         from ddlm.sampling.trace import Recorder
 
-        self.show, self.html_path = show, html_path
+        self.show, self.html_path, self.stream = show, html_path, stream  # --json keeps stdout for the JSON
         self.recorder = Recorder() if show or html_path else None
         self.tokenizer = self.cfg = None
 
@@ -204,7 +204,8 @@ class Watch:
         if self.show:
             from ddlm.viewer.terminal import TerminalView
 
-            self.recorder.on_frame = TerminalView(loaded.tokenizer, title=f"ddlm sample · {loaded.run.method}")
+            self.recorder.on_frame = TerminalView(loaded.tokenizer, title=f"ddlm sample · {loaded.run.method}",
+                                                  stream=self.stream)
 
     def write_page(self, result: dict) -> None:
         if not self.html_path:
