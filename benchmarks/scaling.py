@@ -47,7 +47,7 @@ def worker(args) -> None:
 
     from ddlm import runtime
     from ddlm.config import RunConfig
-    from ddlm.train.distributed import Distributed
+    from ddlm.distributed import Distributed
     from ddlm.train.loop import Trainer
 
     dist = Distributed.from_environment(runtime.device())

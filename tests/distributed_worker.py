@@ -20,7 +20,7 @@ import torch
 
 from ddlm import runtime
 from ddlm.config import RunConfig
-from ddlm.train.distributed import Distributed
+from ddlm.distributed import Distributed
 from ddlm.train.loop import Trainer
 
 

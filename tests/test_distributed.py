@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from ddlm.config import make_config
 from ddlm.data.corpora import load_corpus
 from ddlm.errors import ConfigError
-from ddlm.train.distributed import batch_plan, micro_seed
+from ddlm.distributed import batch_plan, micro_seed
 from ddlm.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ def evaluate_checkpoint(path, *, data: str | None = None, split: str | None = No
     `zero_shot`, on corpus `data` prepared as the papers prepare their zero-shot corpora
     (ddlm.eval.zero_shot: `detokenizer` by name or "none", default from the corpus name;
     `zero_shot_protocol` mdlm, sedd or bd3)."""
-    from ddlm.train.distributed import Distributed
+    from ddlm.distributed import Distributed
 
     dist = Distributed.from_environment(runtime.device())  # under torchrun: the split sharded over ranks
     try:

@@ -656,7 +656,7 @@ def compare(recipe_path: str | Path, out: str | Path, *, quiet: bool = False, sc
     owned = dist is None and launched_by_torchrun()
     if owned:
         from ddlm import runtime
-        from ddlm.train.distributed import Distributed
+        from ddlm.distributed import Distributed
 
         shared = make_config(base=json.loads(json.dumps(recipe.base))).train
         dist = Distributed.from_environment(runtime.device(), timeout_s=shared.dist_timeout,

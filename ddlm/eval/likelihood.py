@@ -43,7 +43,7 @@ def evaluate_likelihood(method, model, dataset: BlockDataset, *, batch_size: int
     Batch i draws its Monte-Carlo noise from a seed of (seed, i), so the figure does not depend on
     how batches are spread over processes: with `dist` (a Distributed) rank r scores batches
     r, r + world, ... and the per-sequence sums are gathered in float64 in batch order."""
-    from ddlm.train.distributed import Distributed, micro_seed, sharded_batches
+    from ddlm.distributed import Distributed, micro_seed, sharded_batches
 
     dist = dist or Distributed()
     was_training = model.training

@@ -31,7 +31,7 @@ from ddlm.eval.likelihood import evaluate_likelihood
 from ddlm.eval.records import read_jsonl
 from ddlm.progress import progress_bar
 from ddlm.train import state as resume_state
-from ddlm.train.distributed import Distributed, batch_plan, is_sharded, micro_seed, sharded_batches
+from ddlm.distributed import Distributed, batch_plan, is_sharded, micro_seed, sharded_batches
 from ddlm.train.ema import EMA
 from ddlm.train.loggers import Sinks, check_sinks, open_sinks
 from ddlm.train.lock import RunLock
