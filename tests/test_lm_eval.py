@@ -1,7 +1,7 @@
-"""The lm-eval-harness model `ddlm` (ddlm/interop/lm_eval.py) on tiny AR, MDLM, SEDD and BD3-LM runs.
+"""The lm-eval-harness model `ddlm` (ddlm/interop/lm_eval.py) on tiny runs of every method.
 
   - lm-eval's own simple_evaluate runs offline on a multiple-choice task defined here (a YAML task
-    over a local JSONL file), for every method but EDLM, with the Monte-Carlo summary on the object;
+    over a local JSONL file), for every method, with the Monte-Carlo summary on the object;
   - AR's loglikelihood is the exact conditional log-probability, computed here from the logits;
   - loglikelihood_rolling is `ddlm eval`'s figure on the same text;
   - MDLM's Monte-Carlo standard error shrinks as 1/sqrt(K);
@@ -42,6 +42,10 @@ def runs(tmp_path_factory):
             out[method] = str(tmp / method)
             assert main(["train", "--method", method, "--data", str(corpus), "--out", out[method],
                          "--steps", "20", "--json", *TINY, *extra]) == 0
+        out["edlm"] = str(tmp / "edlm")  # an NCE energy on the frozen MDLM run
+        assert main(["train", "--method", "edlm", "--init", out["mdlm"], "--out", out["edlm"], "--steps", "3",
+                     "--json", "--edlm.energy=nce", "--edlm.bound_draws=2", "--train.batch_size=8",
+                     "--train.eval_every=0", "--train.dtype=fp32"]) == 0
         yield out, corpus
 
 
@@ -74,7 +78,7 @@ metric_list:
     return tmp_path / "tasks"
 
 
-@pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3"])
+@pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3", "edlm"])
 def test_simple_evaluate_runs_offline(runs, offline, method):
     from lm_eval.tasks import TaskManager
 
@@ -120,7 +124,7 @@ def test_ar_loglikelihood_is_the_exact_conditional_log_probability(runs):
         assert greedy == bool((logits[0, -n:].argmax(-1) == tokens[0, -n:]).all())
 
 
-@pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3"])
+@pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3", "edlm"])
 def test_rolling_is_the_ddlm_eval_figure(runs, method, monkeypatch):
     from ddlm.data import build_tokenizer, encode_documents, load_corpus
     from ddlm.commands.evaluate import evaluate_checkpoint
@@ -155,7 +159,7 @@ def test_mdlm_monte_carlo_error_shrinks_with_samples(runs):
     assert abs(few - many) < 4 * math.hypot(se_few, se_many)
 
 
-@pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3"])
+@pytest.mark.parametrize("method", ["ar", "mdlm", "sedd", "bd3", "edlm"])
 def test_generate_until_stops_at_the_stop_sequence(runs, method):
     paths, _ = runs
     lm = DdlmLM(pretrained=paths[method], steps=8, seed=0)
