@@ -630,6 +630,15 @@ def _likelihood_plot(results, rows, path, plt):
     return _save(fig, path, plt)
 
 
+def row_colour(i: int, rows: int):
+    """A distinct colour per row: matplotlib's 10-colour cycle, or 20 colours past 10 rows."""
+    import matplotlib
+
+    if rows <= 10:
+        return f"C{i}"
+    return matplotlib.colormaps["tab20"](i % 20)
+
+
 def _quality_plot(results, judge, key, xlabel, path, plt):
     """Bits per byte under `judge` against cost with ±2 s.e. bars; dashed: top-p; grey: held-out text."""
     fig, ax = plt.subplots(figsize=(9.0, 4.4), dpi=120)
@@ -647,7 +656,8 @@ def _quality_plot(results, judge, key, xlabel, path, plt):
                 pts.sort(key=lambda p: p[0])
                 ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts],
                             yerr=[stats.Z * p[1].se for p in pts], fmt=style, marker="o", markersize=3,
-                            capsize=2, color=f"C{i % 10}", label=row["name"] + (" (top-p)" if nucleus else ""))
+                            capsize=2, color=row_colour(i, len(results["rows"])),
+                            label=row["name"] + (" (top-p)" if nucleus else ""))
     ref = reference(results, judge, "bits_per_byte")
     if ref is not None:
         ax.axhline(ref.mean, color="grey", linestyle=":", label="held-out text")
@@ -667,9 +677,10 @@ def _entropy_plot(results, judge, path, plt):
         pts = _series(row, judge, "unigram_entropy")
         if pts and _class(row).has_steps:
             ax.errorbar([p[0] for p in pts], [p[1].mean for p in pts], yerr=[stats.Z * p[1].se for p in pts],
-                        marker="o", markersize=3, capsize=2, color=f"C{i % 10}", label=row["name"])
+                        marker="o", markersize=3, capsize=2, color=row_colour(i, len(results["rows"])), label=row["name"])
         elif pts:
-            ax.axhline(pts[0][1].mean, color=f"C{i % 10}", linestyle="-.", label=f"{row['name']} (no steps)")
+            ax.axhline(pts[0][1].mean, color=row_colour(i, len(results["rows"])), linestyle="-.",
+                       label=f"{row['name']} (no steps)")
     ref = reference(results, judge, "unigram_entropy")
     if ref is not None:
         ax.axhline(ref.mean, color="grey", linestyle=":", label="held-out text")

@@ -104,7 +104,9 @@ class Comparison:
             stages.append(Stage("likelihood", row, {**dataclasses.asdict(recipe.likelihood), **row.eval}, k))
         stages += [Stage("zero_shot", row, {**dataclasses.asdict(recipe.likelihood), **row.eval,
                                             **dataclasses.asdict(corpus)}, k) for corpus in recipe.zero_shot]
-        steps_list = gen.steps if method_class(self.run_config(self.source(row)).method).has_steps else gen.steps[:1]
+        src = self.source(row)
+        method = self.imported_config(src).method if src.imported else src.method
+        steps_list = gen.steps if method_class(method).has_steps else gen.steps[:1]
         sampling = {"sample": row.sample} if row.sample else {}  # (absent: earlier stages' fingerprints hold)
         for steps in steps_list:
             for top_p in gen.top_p:
