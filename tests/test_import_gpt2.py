@@ -280,3 +280,20 @@ def test_import_rows_take_no_training_options():
         with pytest.raises(ConfigError) as err:
             parse_recipe({"name": "r", "rows": [row]}, "r.yaml")
         assert "\n" not in str(err.value)
+
+
+def test_a_huggingface_hub_cache_folder_imports(gpt2_folder, tmp_path, capsys):
+    """models--org--name/{refs/main, snapshots/<hash>/...}: the snapshot refs/main names."""
+    import shutil
+
+    folder, _ = gpt2_folder
+    cache = tmp_path / "models--openai-community--gpt2"
+    shutil.copytree(folder, cache / "snapshots" / "abc123")
+    (cache / "snapshots" / "old").mkdir()
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("abc123\n")
+    assert main(["import", str(cache), "--out", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"] == "gpt2"
+    (cache / "refs" / "main").write_text("../../elsewhere")  # never followed out of snapshots/
+    assert main(["import", str(cache), "--out", str(tmp_path / "run2")]) == 2
+    assert "2 snapshots" in capsys.readouterr().err

@@ -113,13 +113,15 @@ def snapshot_dir(src: Path) -> Path:
         return src
     ref = src / "refs" / "main"
     if ref.is_file():
-        chosen = snapshots / ref.read_text().strip()
-        if chosen.is_dir():
+        with open(ref, "rb") as f:  # a commit hash: a few bytes, whatever the file holds
+            name = f.read(256).decode("utf-8", errors="replace").strip()
+        chosen = snapshots / name
+        if name and "/" not in name and "\\" not in name and name not in (".", "..") and chosen.is_dir():
             return chosen
     found = sorted(p for p in snapshots.iterdir() if p.is_dir())
     if len(found) != 1:
         raise CheckpointError(f"'{src}' is a huggingface_hub cache with {len(found)} snapshots and no "
-                              f"refs/main; pass the snapshot folder itself")
+                              f"usable refs/main; pass the snapshot folder itself")
     return found[0]
 
 

@@ -47,10 +47,13 @@ FORMATS = (("ddlm export", _export), ("gpt2", _gpt2), ("mdlm / bd3 / sedd", _dit
 def read_source(src: str | Path, method: str | None = None) -> Imported:
     """The model in folder `src`, mapped onto ddlm (`method` overrides the inferred one where the
     format allows it)."""
+    from ddlm.interop.dit import snapshot_dir
+
     src = Path(src)
     if not src.is_dir():
         raise ConfigError(f"import source '{src}' is not a folder (download the model first, e.g. with "
                           "huggingface-cli download, and pass its local folder)")
+    src = snapshot_dir(src)  # a huggingface_hub cache folder (models--org--name): its snapshot
     for _, importer in FORMATS:
         imported = importer(src, method)
         if imported is not None:
