@@ -263,9 +263,9 @@ def _carve(train: list[str], valid: list[str] | None, test: list[str] | None) ->
     return train, valid, test
 
 
-def open_hf(path: Path) -> dict[str, tuple[object, str] | None]:
-    """{"train", "valid", "test"} -> (`datasets.Dataset`, how messages name it), or None for a split
-    the dataset saved at `path` lacks (a single Dataset is all train; `_carve` fills the gaps)."""
+def load_saved_dataset(path: Path):
+    """The `datasets.Dataset` or `DatasetDict` saved at `path` (save_to_disk); one line when the
+    folder, the package or the dataset is missing or bad."""
     if not path.exists():
         raise DataError(f"dataset folder '{path}' not found")
     try:
@@ -273,10 +273,18 @@ def open_hf(path: Path) -> dict[str, tuple[object, str] | None]:
     except ImportError:
         raise DataError("hf: corpora need the package 'datasets': pip install datasets") from None
     try:
-        obj = datasets.load_from_disk(str(path))
+        return datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises many kinds for a bad folder
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise DataError(f"cannot load the Hugging Face dataset '{path}': {first}") from None
+
+
+def open_hf(path: Path) -> dict[str, tuple[object, str] | None]:
+    """{"train", "valid", "test"} -> (`datasets.Dataset`, how messages name it), or None for a split
+    the dataset saved at `path` lacks (a single Dataset is all train; `_carve` fills the gaps)."""
+    import datasets
+
+    obj = load_saved_dataset(path)
     where = f"dataset '{path}'"
     if not isinstance(obj, datasets.DatasetDict):
         return {"train": (obj, where), "valid": None, "test": None}

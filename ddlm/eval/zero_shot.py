@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ddlm.data.blocks import BlockDataset, stream_dtype
-from ddlm.data.corpora import _read_text, hf_text_column, load_corpus
+from ddlm.data.corpora import _read_text, hf_text_column, load_corpus, load_saved_dataset
 from ddlm.data.detokenizers import DETOKENIZERS, detokenizer_name
 from ddlm.data.tokenizers import Tokenizer, iter_chunks
 from ddlm.errors import ConfigError, DataError
@@ -97,17 +97,9 @@ def read_documents(spec: str, split: str = "valid") -> tuple[list[str], str]:
 def _hf_documents(path: Path, split: str) -> tuple[list[str], str]:
     """Rows of the text column of split `split` of a dataset saved with save_to_disk (its only
     split when it has one alone; every row of a single Dataset)."""
-    if not path.exists():
-        raise DataError(f"dataset folder '{path}' not found")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("hf: corpora need the package 'datasets': pip install datasets") from None
-    try:
-        obj = datasets.load_from_disk(str(path))
-    except Exception as exc:  # datasets raises many kinds for a bad folder
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"cannot load the Hugging Face dataset '{path}': {first}") from None
+    obj = load_saved_dataset(path)
+    import datasets
+
     if isinstance(obj, datasets.DatasetDict):
         keys = [k for k in _SPLIT_KEYS[split] if k in obj]
         if keys:

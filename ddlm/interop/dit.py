@@ -29,6 +29,7 @@ import torch
 from ddlm.config import RunConfig
 from ddlm.errors import CheckpointError, ConfigError, DdlmError
 from ddlm.interop.rundir import Imported
+from ddlm.interop.safetensors_dir import load_files, read_key_shapes, weight_files
 
 FORMATS = ("mdlm", "bd3", "sedd")
 ARCHITECTURES = {"mdlm": "mdlm-dit", "bd3": "bd3lm-dit", "sedd": "sedd-dit"}
@@ -44,7 +45,6 @@ LOGLINEAR_EPS = 1e-3  # MDLM's and SEDD's log-linear schedule: mask rate (1 - 1e
 # BD3-LM's code masks with probability t itself (its noise returns move_chance = t, weight 1/t):
 # ddlm's log-linear rate (1 - eps) t with this eps is that up to a relative 1e-9.
 BD3_EPS = 1e-9
-PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 MAX_CONFIG_BYTES = 1 << 20
 
 # (their name, ddlm's name) of the tensors outside the blocks, after the format's prefix
@@ -155,40 +155,6 @@ def read_config(src: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"config '{path}' is not a mapping of fields (got {type(config).__name__})")
     return config
-
-
-def weight_files(src: Path) -> list[Path]:
-    """The safetensors files holding the weights: those a model.safetensors.index.json names, or
-    the folder's one .safetensors file. Pickles are refused, never opened."""
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        return indexed_files(index)
-    found = sorted(src.glob("*.safetensors"))
-    if len(found) == 1:
-        return found
-    if len(found) > 1:
-        raise CheckpointError(f"'{src}' holds {len(found)} .safetensors files and no "
-                              f"model.safetensors.index.json to say which are the weights")
-    pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLES)
-    if pickles:
-        raise CheckpointError(
-            f"'{src / pickles[0]}' is a pickle, which ddlm never unpickles (it can run code); convert it "
-            f"outside ddlm, where you trust the file: python -c \"import torch, safetensors.torch as st; "
-            f"st.save_file(torch.load('{pickles[0]}', weights_only=True), 'model.safetensors')\"")
-    raise CheckpointError(f"'{src}' holds no .safetensors weights")
-
-
-def indexed_files(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except Exception:
-        raise CheckpointError(f"'{index}' is not a safetensors index (a 'weight_map' of key -> file)") from None
-    files = [index.parent / name for name in names]
-    for path in files:
-        if path.suffix != ".safetensors" or path.parent != index.parent or not path.is_file():
-            raise CheckpointError(f"'{index}' names '{path.name}', which is not a .safetensors file beside it")
-    return files
 
 
 # ---- which format ----------------------------------------------------------------------------
@@ -374,26 +340,6 @@ def optional_keys(source: Source) -> set[str]:
 
 # ---- reading and checking the tensors ------------------------------------------------------
 
-def read_key_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """key -> (shape, file) from the safetensors headers, no tensor read."""
-    from safetensors import safe_open
-
-    found: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in found:
-                        raise CheckpointError(f"key '{key}' is in both '{found[key][1].name}' and '{path.name}'")
-                    found[key] = (tuple(f.get_slice(key).get_shape()), path)
-        except DdlmError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"'{path}' is not a readable safetensors file: "
-                                  f"{(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
-    return found
-
-
 def check_keys(found: dict[str, tuple], source: Source) -> None:
     """One line for the first unexpected key, missing key or wrong shape."""
     expected = reference_shapes(source)
@@ -410,12 +356,7 @@ def check_keys(found: dict[str, tuple], source: Source) -> None:
 
 
 def load_tensors(found: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors = {}
-    for path in sorted({p for _, p in found.values()}):
-        with safe_open(str(path), framework="pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    tensors = load_files(sorted({p for _, p in found.values()}))
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
             raise CheckpointError(f"key '{key}' holds {tensor.dtype} values; expected floating point")

@@ -17,6 +17,7 @@ import torch
 
 from ddlm.config import ModelConfig, RunConfig
 from ddlm.errors import CheckpointError
+from ddlm.interop.dit import read_config
 from ddlm.interop.rundir import Imported
 from ddlm.interop.safetensors_dir import read_safetensors_dir
 
@@ -33,17 +34,6 @@ BLOCK_KEYS = (("norm1.weight", "ln_1.weight", False), ("norm1.bias", "ln_1.bias"
               ("fc_out.weight", "mlp.c_proj.weight", True), ("fc_out.bias", "mlp.c_proj.bias", False))
 TOP_KEYS = (("embed.weight", "wte.weight"), ("pos_embed.weight", "wpe.weight"),
             ("norm.weight", "ln_f.weight"), ("norm.bias", "ln_f.bias"))
-
-
-def read_config(src: Path) -> dict:
-    path = src / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"cannot read '{path}': {str(err).splitlines()[0][:120]}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"'{path}' is not a JSON object")
-    return config
 
 
 def detect(src: Path) -> bool:

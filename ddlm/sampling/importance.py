@@ -74,5 +74,6 @@ class ImportanceSampler(AncestralSampler):
         choice = gumbel_argmax(torch.log_softmax(log_w, dim=1), row_gens)  # (n,)
         x0 = z.clone()
         x0[index] = props[index, choice]
-        self.chosen = {int(row): int(j) for row, j in zip(index.tolist(), choice.tolist())}  # for the viewer
+        if self.recorder is not None:  # which proposal each row kept, for the viewer
+            self.chosen = {int(row): int(j) for row, j in zip(index.tolist(), choice.tolist())}
         return x0

@@ -143,7 +143,8 @@ class RemaskingSampler(AncestralSampler):
             if not torch.equal(z_next, z):
                 logp = None
             z = z_next
-            note_step(self, z, self.spent(nfe), t=s, remasked=int(remasked.sum()))
+            if self.recorder is not None:  # its note costs a host read or a reset per step
+                note_step(self, z, self.spent(nfe), t=s, remasked=int(remasked.sum()))
         if (z == mask_id).any():  # noise removal, as the ancestral sampler
             t = times[-1]
             m_t = self.level(torch.full(rows, t, dtype=torch.float64, device=z.device))

@@ -73,17 +73,17 @@ def timeline(frames: list[Frame]) -> Timeline:
                     fixed_at=fixed.tolist(), notes=[f.note for f in frames])
 
 
+def piece_of(tokenizer, token: int) -> str:
+    """How an id shows: its own text; MASK as the shaded glyph; PAD and padding (-1) as nothing."""
+    if token == tokenizer.mask_id:
+        return MASK_GLYPH
+    if token < 0 or token == tokenizer.pad_id:
+        return ""
+    return tokenizer.decode([token])
+
+
 def token_pieces(tokenizer, ids: set[int]) -> dict[int, str]:
-    """How each id shows: its own text; MASK as the shaded glyph; PAD and padding (-1) as nothing."""
-    pieces = {}
-    for i in ids:
-        if i == tokenizer.mask_id:
-            pieces[i] = MASK_GLYPH
-        elif i < 0 or i == tokenizer.pad_id:
-            pieces[i] = ""
-        else:
-            pieces[i] = tokenizer.decode([i])
-    return pieces
+    return {i: piece_of(tokenizer, i) for i in ids}
 
 
 def used_ids(line: Timeline) -> set[int]:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from ddlm.sampling.trace import Frame
-from ddlm.viewer.frames import MASK_GLYPH
+from ddlm.viewer.frames import piece_of
 
 CLEAR, BOLD, DIM, RESET = "\x1b[H\x1b[2J", "\x1b[1;32m", "\x1b[2m", "\x1b[0m"
 
@@ -28,9 +28,7 @@ class TerminalView:
 
     def piece(self, token: int) -> str:
         if token not in self.pieces:
-            tok = self.tokenizer
-            self.pieces[token] = MASK_GLYPH if token == tok.mask_id else "" if token == tok.pad_id \
-                else tok.decode([token])
+            self.pieces[token] = piece_of(self.tokenizer, token)
         return self.pieces[token]
 
     def __call__(self, frame: Frame) -> None:
