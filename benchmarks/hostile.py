@@ -423,6 +423,82 @@ def special_file_cases(run: Path, root: Path, short: float) -> list[tuple]:
     return out
 
 
+class ImportPayload:
+    """Pickled as the weights of a folder to import: unpickling it would create `path`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def interop_cases(run: Path, root: Path) -> list[tuple]:
+    """Folders to import, exports, lm-eval, infilling, the viewers, the new samplers and dashboards."""
+    import pickle
+
+    r = str(run)
+    folders = {name: root / f"import_{name}" for name in ("empty", "pickle", "garbage", "gpt2_no_weights", "hub")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["pickle"] / "config.json").write_text(json.dumps({"model_type": "mdlm"}))
+    (folders["pickle"] / "pytorch_model.bin").write_bytes(pickle.dumps(ImportPayload(root / "pwned_import")))
+    (folders["garbage"] / "config.json").write_text("{not json")
+    (folders["gpt2_no_weights"] / "config.json").write_text(json.dumps(
+        {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 32, "vocab_size": 50257}))
+    (folders["hub"] / "snapshots" / "a").mkdir(parents=True)
+    (folders["hub"] / "snapshots" / "b").mkdir()
+    (folders["hub"] / "refs").mkdir()
+    (folders["hub"] / "refs" / "main").write_text("../../../etc")
+    mdlm = train_other(root, "interop_mdlm", "mdlm")
+    m = str(mdlm)
+    (root / "export_taken").mkdir()
+    (root / "export_taken" / "mine.txt").write_text("keep me")
+    return [
+        ("import a missing folder", ["import", str(root / "nowhere"), "--out", str(root / "imp")]),
+        ("import an empty folder", ["import", str(folders["empty"]), "--out", str(root / "imp")]),
+        ("import a folder of pickled weights (a malicious pickle)", ["import", str(folders["pickle"]),
+                                                                      "--out", str(root / "imp")]),
+        ("import a folder whose config.json is not JSON", ["import", str(folders["garbage"]), "--out", str(root / "imp")]),
+        ("import GPT-2 as --method mdlm", ["import", str(folders["gpt2_no_weights"]), "--method", "mdlm",
+                                         "--out", str(root / "imp")]),
+        ("import GPT-2 without weights", ["import", str(folders["gpt2_no_weights"]), "--out", str(root / "imp")]),
+        ("import a hub cache whose refs/main leaves snapshots/", ["import", str(folders["hub"]), "--out", str(root / "imp")]),
+        ("import into an existing run", ["import", str(folders["gpt2_no_weights"]), "--out", r],
+         {"check": untouched(run)}),
+        ("export into a folder that holds other files", ["export", r, "--to", "hf", str(root / "export_taken")],
+         {"check": untouched(root / "export_taken")}),
+        ("export --to onnx", ["export", r, "--to", "onnx", str(root / "exp")]),
+        ("export a missing run", ["export", str(root / "missing"), "--to", "hf", str(root / "exp")]),
+        ("lm-eval --mc-samples 0", ["lm-eval", r, "--tasks", "x", "--mc-samples", "0"]),
+        ("sample --infill without a span", ["sample", m, "--infill", "no spans here"]),
+        ("sample --infill [MASK:0]", ["sample", m, "--infill", "a [MASK:0] b"]),
+        ("sample --infill [MASK:abc]", ["sample", m, "--infill", "a [MASK:abc] b"]),
+        ("sample --infill an unclosed [MASK", ["sample", m, "--infill", "a [MASK b"]),
+        ("sample --infill longer than the context", ["sample", m, "--infill", "a [MASK:4000] b"]),
+        ("sample --infill with --prompt", ["sample", m, "--infill", "a [MASK] b", "--prompt", "the"]),
+        ("sample --infill on an AR run", ["sample", r, "--infill", "a [MASK:3] b"]),
+        ("sample --show-html into a directory", ["sample", m, "--show-html", str(root)]),
+        ("sample --sampler remdm --sample.eta=-1", ["sample", m, "--sampler", "remdm", "--sample.eta=-1"]),
+        ("sample --sampler remdm --sample.remask=sometimes", ["sample", m, "--sampler", "remdm",
+                                                             "--sample.remask=sometimes"]),
+        ("sample --sampler confidence --sample.threshold=0", ["sample", m, "--sampler", "confidence",
+                                                             "--sample.threshold=0"]),
+        ("sample --sampler confidence --sample.threshold=nan", ["sample", m, "--sampler", "confidence",
+                                                               "--sample.threshold=nan"]),
+        ("eval --infill-test 0", ["eval", m, "--infill-test", "0"]),
+        ("eval --infill-test with a span as long as the context", ["eval", m, "--infill-test", "2",
+                                                                  "--infill-span", "32"]),
+        ("eval --zero-shot without --data", ["eval", m, "--zero-shot"]),
+        ("eval --zero-shot --data a missing file", ["eval", m, "--zero-shot", "--data", str(root / "none.txt")]),
+        ("eval --detokenizer without --zero-shot", ["eval", m, "--detokenizer", "ptb"]),
+        ("train --train.log=tb", ["train", "--out", str(root / "t"), "--train.log=tb"]),
+        ("train --train.log=wandb,wandb", ["train", "--out", str(root / "t"), "--train.log=wandb,wandb"]),
+        ("train --model.positions=absolute", ["train", "--out", str(root / "t"), "--model.positions=absolute"]),
+        ("train --model.output_vocab=-3", ["train", "--out", str(root / "t"), "--model.output_vocab=-3"]),
+    ]
+
+
 def cases(run: Path, root: Path, short: float = 15) -> list[tuple]:
     text = root / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
@@ -566,6 +642,7 @@ def cases(run: Path, root: Path, short: float = 15) -> list[tuple]:
                  ["sample", str(relabelled), "--num", "1", "--length", "4", "--steps", "2"]))
     out += linked_cases(run, root)
     out += special_file_cases(run, root, short)
+    out += interop_cases(run, root)
     out += metrics_cases(run, root)
     out += cache_cases(run, root)
     out += disk_cases(run, root)
@@ -692,7 +769,7 @@ def main() -> None:
             writable_again(root / "read_only")
     tally = {s: sum(r["status"] == s for r in results) for s in sorted({r["status"] for r in results})}
     print(f"\n{len(results)} bad inputs: " + ", ".join(f"{n} {s}" for s, n in tally.items()))
-    executed = (root / "pwned").exists() or (root / "pwned_sharded").exists()
+    executed = any((root / name).exists() for name in ("pwned", "pwned_sharded", "pwned_import"))
     print(f"malicious pickle executed: {executed}")
     if not args.only:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
