@@ -159,7 +159,7 @@ def cmd_sample(args, extra: list[str]) -> int:
     if args.out:
         check_writable_file(args.out)
     if args.show_html:
-        check_writable_file(args.show_html)
+        check_writable_file(args.show_html, "--show-html", "writing.html")
     watch = Watch(args.show, args.show_html, stream=sys.stderr if args.json else sys.stdout)
     result = sample_checkpoint(args.checkpoint, prompt=args.prompt, options=overrides, extra=extra,
                                judge=args.judge, infill=args.infill, recorder=watch.recorder, on_load=watch.loaded)
@@ -247,13 +247,13 @@ def raise_unexpected(extra: list[str]) -> None:
     raise DdlmError(f"unexpected argument {extra[0]!r}; the recipe holds every setting")
 
 
-def check_writable_file(path: str) -> None:
-    """--out must name a file in an existing directory (checked before any work is done)."""
+def check_writable_file(path: str, flag: str = "--out", example: str = "samples.jsonl") -> None:
+    """`flag` must name a file in an existing directory (checked before any work is done)."""
     target = Path(path)
     if target.is_dir():
-        raise DdlmError(f"--out '{path}' is a directory; name a file such as samples.jsonl")
+        raise DdlmError(f"{flag} '{path}' is a directory; name a file such as {example}")
     if not target.parent.is_dir():
-        raise DdlmError(f"--out '{path}': directory '{target.parent}' does not exist")
+        raise DdlmError(f"{flag} '{path}': directory '{target.parent}' does not exist")
 
 
 # -- info -----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`ddlm compare`: a tiny recipe (two methods, a few steps) runs end to end, its report holds both
 rows, and a rerun reuses the trained runs and the finished evaluations."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +159,20 @@ def test_options_added_later_at_their_default_keep_a_stage_identity():
     changed = stage_config(make_config(base={"method": "ar", "model": {"positions": "learned"},
                                              "sample": {"sampler": "", "threshold": 0.5}}))
     assert changed["model"]["positions"] == "learned" and changed["sample"]["threshold"] == 0.5
+
+
+def test_a_quiet_compare_reuses_the_stages_of_a_verbose_one():
+    """Whether a run shows a progress bar (--json makes compare quiet) is not part of a stage's
+    identity; what a run computes is."""
+    from ddlm.compare.recipe import read_recipe
+    from ddlm.compare.runner import Comparison
+
+    recipe = read_recipe(Path(__file__).resolve().parent.parent / "recipes" / "austen-char.yaml")
+    verbose, quiet = Comparison(recipe, "unused", quiet=False), Comparison(recipe, "unused", quiet=True)
+    stages = [s for s in verbose.plan() if not verbose.source(s.row).init]  # (init rows read their init run)
+    assert len(stages) > 20 and [verbose.fingerprint(s) for s in stages] == [quiet.fingerprint(s) for s in stages]
+    stage = stages[0]
+    assert quiet.run_config(stage.row, stage.seed).train.progress is False  # the run itself stays quiet
+    before = verbose.fingerprint(stage)
+    recipe.base["data"]["seq_len"] = 64
+    assert verbose.fingerprint(stage) != before

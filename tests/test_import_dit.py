@@ -419,6 +419,14 @@ def test_pickle_refused_unopened(tmp_path):
     (src / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
     message = one_line_error(src, "pytorch_model.bin' is a pickle")
     assert "safetensors" in message and not marker.exists()
+    # `ddlm import`: a config it cannot use does not hide the pickle, the weights are named first
+    from ddlm.interop.import_ import read_source
+
+    for config in ({"model_type": "mdlm"}, {"model_type": "llama"}, {"model_type": "gpt2"}):
+        (src / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match="pytorch_model.bin' is a pickle"):
+            read_source(src)
+    assert not marker.exists()
 
 
 def test_unknown_architecture(tmp_path):

@@ -229,6 +229,14 @@ def test_cli_infill_errors_are_one_line(mdlm_run, capsys):
         assert len(err.splitlines()) == 1 and err.startswith("ddlm: error:"), err
 
 
+def test_show_html_into_a_directory_names_its_own_flag(mdlm_run, tmp_path, capsys):
+    assert main(["sample", str(mdlm_run), "--show-html", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"ddlm: error: --show-html '{tmp_path}' is a directory; name a file such as writing.html"
+    assert main(["sample", str(mdlm_run), "--show-html", str(tmp_path / "no" / "w.html")]) == 2
+    assert capsys.readouterr().err.startswith(f"ddlm: error: --show-html '{tmp_path / 'no' / 'w.html'}': directory")
+
+
 # ------------------------------------------------------------------------ --infill-test
 
 def test_span_masks_leave_context_on_both_sides():

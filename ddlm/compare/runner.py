@@ -543,11 +543,19 @@ LATER_FIELDS = {"model": ("positions", "bias", "tie_embeddings", "output_vocab")
                 "sample": ("remask", "eta", "t_on", "t_off", "alpha_on", "threshold")}
 
 
+# Fields that change what a run shows, never what it computes: a stage is identified with their
+# default, so a quiet (--json) compare reuses the stages a verbose one finished, and the other way.
+DISPLAY_FIELDS = {"train": ("progress",)}
+
+
 def stage_config(run) -> dict:
-    """run.to_dict() without the LATER_FIELDS that hold their default value."""
+    """run.to_dict() without the LATER_FIELDS that hold their default value, and with the
+    DISPLAY_FIELDS at their default."""
     from ddlm.config import SECTIONS
 
     out = run.to_dict()
+    for section, names in DISPLAY_FIELDS.items():
+        out[section].update({name: getattr(SECTIONS[section](), name) for name in names})
     for section, names in LATER_FIELDS.items():
         default = SECTIONS[section]()
         for name in names:

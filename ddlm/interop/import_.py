@@ -54,6 +54,7 @@ def read_source(src: str | Path, method: str | None = None) -> Imported:
         raise ConfigError(f"import source '{src}' is not a folder (download the model first, e.g. with "
                           "huggingface-cli download, and pass its local folder)")
     src = snapshot_dir(src)  # a huggingface_hub cache folder (models--org--name): its snapshot
+    refuse_pickled_weights(src)
     for _, importer in FORMATS:
         imported = importer(src, method)
         if imported is not None:
@@ -61,6 +62,16 @@ def read_source(src: str | Path, method: str | None = None) -> Imported:
     names = ", ".join(name for name, _ in FORMATS)
     raise CheckpointError(f"'{src}' is not a model ddlm can import (known: {names}); expected a config "
                           "naming the architecture and safetensors weights")
+
+
+def refuse_pickled_weights(src: Path) -> None:
+    """A folder whose weights are only pickles is refused for that, before its config is read (so
+    the message says what to do about the weights, whatever else the folder lacks)."""
+    from ddlm.interop.safetensors_dir import INDEX, PICKLES, weight_files
+
+    has_safetensors = (src / INDEX).is_file() or any(src.glob("*.safetensors"))
+    if not has_safetensors and any(p.suffix in PICKLES for p in src.iterdir()):
+        weight_files(src)  # raises the pickle's one line, with the command that converts it
 
 
 def import_model(src: str | Path, out: str | Path, *, method: str | None = None, overwrite: bool = False) -> dict:
