@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import weakref
 from collections import Counter
 from unittest import mock
@@ -91,6 +92,25 @@ class CudaGenerator(torch.Generator):
     @property
     def device(self):
         return self.emulated
+
+
+class CudaEvent:
+    """torch.cuda.Event on the emulated device: host time (the emulated work is synchronous)."""
+
+    def __init__(self, enable_timing: bool = False, **_):
+        self.time = None
+
+    def record(self, stream=None) -> None:
+        self.time = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "CudaEvent") -> float:
+        return (end.time - self.time) * 1e3
 
 
 def on_cuda(t: torch.Tensor) -> torch.Tensor:
@@ -245,6 +265,7 @@ class EmulatedCuda:
             "torch.cuda.empty_cache": lambda: None,
             "torch.cuda.reset_peak_memory_stats": lambda *a, **k: None,
             "torch.cuda.max_memory_allocated": lambda *a, **k: 0,
+            "torch.cuda.Event": CudaEvent,
             "torch.Generator": CudaGenerator,
             "torch.autocast": autocast,
             "torch.amp.autocast": autocast,

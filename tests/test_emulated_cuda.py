@@ -10,7 +10,8 @@ behave as on a one-GPU machine. Under it:
       review found (rotary tables kept as plain attributes stay on the CPU after `.to("cuda")`);
   (b) every method's commands, as a user runs them with DDLM_DEVICE=cuda: train in bf16 with
       validation and its samples, resume, eval, every registered sampler, --infill, --infill-test,
-      --show-html, eval --generate with a judge, and the lm-eval adapter;
+      --show-html, eval --generate with a judge, the lm-eval adapter, and the GPU benchmark's
+      CUDA-only code (benchmarks/device_bench.py);
   (c) fp32 training on the emulated device equals training on the CPU (the device branches of the
       trainer, such as pinned non-blocking loading and device generators, change no number).
 
@@ -165,6 +166,22 @@ def test_the_lm_eval_adapter_runs_on_cuda(name, base_runs, tmp_path, cuda):
     assert rolled[0] < 0
     written = lm.generate_until([Instance("generate_until", {}, ("it is", {"until": [], "max_gen_toks": 6}), 0)])
     assert 0 < len(written[0]) <= 6
+
+
+def test_the_gpu_benchmark_runs_its_cuda_branches(tmp_path, cuda):
+    """benchmarks/device_bench.py's CUDA-only code (CUDA events, peak memory, bf16 sampling rows)
+    runs before a GPU session spends its minutes on it; torch.compile rows are for the real GPU."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_bench", ROOT / "benchmarks" / "device_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--device", "cuda", "--no-compile", "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("device_*.json")).read_text())
+    assert result["device_type"] == "cuda" and not result["errors"], result["errors"]
+    assert {r["method"] for r in result["train"]} == {"ar", "mdlm", "bd3"}
+    assert all("peak_memory_gib" in r and r["dtype"] == "bf16" for r in result["train"])
+    assert {r["dtype"] for r in result["sample"]} == {"fp32", "bf16"}
 
 
 # ------------------------------------------------------------------- (c) cuda computes what cpu does
