@@ -10,7 +10,8 @@ behave as on a one-GPU machine. Under it:
       review found (rotary tables kept as plain attributes stay on the CPU after `.to("cuda")`);
   (b) every method's commands, as a user runs them with DDLM_DEVICE=cuda: train in bf16 with
       validation and its samples, resume, eval, every registered sampler, --infill, --infill-test,
-      --show-html, eval --generate with a judge, the lm-eval adapter, and the GPU benchmark's
+      --show-html, eval --generate with a judge, eval --zero-shot, export -> import -> eval,
+      quickstart (slow), the lm-eval adapter, and the GPU benchmark's
       CUDA-only code (benchmarks/device_bench.py);
   (c) fp32 training on the emulated device equals training on the CPU (the device branches of the
       trainer, such as pinned non-blocking loading and device generators, change no number).
@@ -145,6 +146,21 @@ def test_every_command_runs_on_cuda(name, base_runs, tmp_path, cuda, capsys):
     judged = run_json(["eval", str(run), "--generate", "--num", "2", "--gen-steps", "8",
                        "--judge", f"ar:{base_runs / 'ar'}"], capsys)
     assert judged["result"]["judges"][f"ar:{base_runs / 'ar'}"]["tokens"] > 0
+    text = tmp_path / "zero_shot.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good "
+                    "fortune, must be in want of a wife.\n" * 20)
+    assert run_json(["eval", str(run), "--data", str(text), "--zero-shot"], capsys)["bpc"] > 0
+    if name != "edlm":  # EDLM exports its two models separately (one line, tested elsewhere)
+        run_json(["export", str(run), "--to", "hf", str(tmp_path / "hf")], capsys)
+        run_json(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")], capsys)
+        again = run_json(["eval", str(tmp_path / "imported"), "--eval.max_batches=2"], capsys)
+        assert again["bpc"] == pytest.approx(scored["bpc"], rel=1e-9), "export -> import changed the model"
+
+
+@pytest.mark.slow
+def test_quickstart_runs_on_cuda(tmp_path, cuda, capsys):
+    report = run_json(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "3"], capsys)
+    assert {"ar", "mdlm"} <= report.keys() and all(report[m]["test_bpc"] > 0 for m in ("ar", "mdlm"))
 
 
 @pytest.mark.parametrize("name", METHODS)
