@@ -74,9 +74,9 @@ def main(spec_path: str) -> None:
             json.dump(report, f)
     dist.close()
     # Under load a worker sometimes aborts after all of the above ("terminate called without an
-    # active exception": a native thread still joinable while the interpreter shuts down), which
-    # torchrun reports as a failure although every file is written. Leave without that shutdown;
-    # the cause is not yet found (issue 25 notes it).
+    # active exception"), which torchrun reports as a failure although every file is written: gloo's
+    # native threads can hold work whose tensors reach into Python while the interpreter finalises
+    # (pytorch/pytorch#179291). Leave without that shutdown, as `python -m ddlm` does under torchrun.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
