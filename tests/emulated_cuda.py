@@ -3,9 +3,9 @@
 A tensor "on cuda" is a wrapper around a real CPU tensor whose `.device` says cuda:0, so the code
 runs end to end with real numbers while the wrapper enforces what a GPU enforces and a CPU does not:
 
-  * an op mixing a cuda tensor with a CPU tensor of one element or more fails as CUDA fails
-    ("Expected all tensors to be on the same device"); 0-dim CPU tensors are scalars and pass, as
-    on CUDA; `copy_`, `.to()` and indexing with CPU indices pass, as on CUDA;
+  * an op mixing a cuda tensor with a CPU tensor that Python code made (of one element or more)
+    fails as CUDA fails ("Expected all tensors to be on the same device"); 0-dim CPU tensors are
+    scalars and pass, as on CUDA; `copy_`, `.to()` and indexing with CPU indices pass, as on CUDA;
   * a random op on cuda drawing from a CPU generator fails, and the other way round;
   * `torch.cuda.*`, `torch.Generator(device="cuda")`, `pin_memory` and `torch.autocast("cuda")`
     behave as on a machine with one GPU; autocast really casts (to the CPU's autocast);
@@ -13,8 +13,10 @@ runs end to end with real numbers while the wrapper enforces what a GPU enforces
     shape depends on the data, like `nonzero`) is counted in `host_reads`: where a GPU would stall.
 
 What it cannot see: CUDA's kernels (the numbers are the CPU's), NCCL, torch.compile's Triton code,
-memory, and C++ code that reads `tensor.device` (autograd runs on the CPU underneath). It tests the
-code's device discipline, not a GPU.
+memory, and C++ code that reads `tensor.device` (autograd runs on the CPU underneath; tensors that
+C++ decompositions make are on the real CPU, so only CPU tensors made from Python count as strays,
+and those made before the emulator was entered are not known: build everything inside it). It
+tests the code's device discipline, not a GPU.
 """
 from __future__ import annotations
 
@@ -189,7 +191,7 @@ class _Moves(TorchFunctionMode):
 
     @staticmethod
     def _to(t: torch.Tensor, *args, **kwargs):
-        device, dtype, non_blocking, _, *_ = torch._C._nn._parse_to(*args, **kwargs)
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if isinstance(args[0] if args else None, torch.Tensor):
             device = args[0].device
         base = t.elem if isinstance(t, OnCuda) else t

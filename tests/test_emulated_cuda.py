@@ -11,8 +11,8 @@ behave as on a one-GPU machine. Under it:
   (b) every method's commands, as a user runs them with DDLM_DEVICE=cuda: train in bf16 with
       validation and its samples, resume, eval, every registered sampler, --infill, --infill-test,
       --show-html, eval --generate with a judge, eval --zero-shot, export -> import -> eval,
-      quickstart (slow), the lm-eval adapter, and the GPU benchmark's
-      CUDA-only code (benchmarks/device_bench.py);
+      quickstart (slow), the lm-eval adapter, the owt recipe at tiny scale (slow), and the GPU
+      benchmark's CUDA-only code (benchmarks/device_bench.py);
   (c) fp32 training on the emulated device equals training on the CPU (the device branches of the
       trainer, such as pinned non-blocking loading and device generators, change no number).
 
