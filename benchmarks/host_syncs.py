@@ -9,7 +9,7 @@ are exact: they are properties of the code, not of a device. A host read stalls 
 until the work before it is done, and it is what keeps a loop from being captured as one CUDA
 graph; a handful per step is harmless when a step is a whole forward pass of a large model.
 
-For each method: a tiny run is trained (4 steps, no validation), then
+For each method: tiny runs are trained for 4 and 8 steps (no validation), then
   train/step     the reads of one optimizer step (the difference between 8 steps and 4 steps / 4),
   sample/step    the reads of one denoising step for every sampler the method registers (the
                  difference between --steps T2 and T1 calls, divided by T2 - T1), batch 4,
@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +50,7 @@ def quiet_main(args: list[str]) -> None:
         raise SystemExit(f"ddlm {' '.join(args)} exited {code}")
 
 
-def reads(fn) -> tuple[int, list]:
+def reads(fn) -> tuple[int, Counter]:
     with EmulatedCuda() as emu:
         fn()
     return emu.n_host_reads, emu.read_sites
@@ -75,7 +76,7 @@ def sample_reads(run: Path, sampler: str, steps: tuple[int, int]) -> dict:
             "top_sites": [f"{site} ({n})" for site, n in sites1.most_common(3)]}
 
 
-def main_(argv=None) -> None:
+def run_benchmark(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", default="16,64")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -103,4 +104,4 @@ def main_(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main_()
+    run_benchmark()
