@@ -27,9 +27,10 @@ ancestral with T = length steps (the no-change cache on), BD3-LM's block sampler
 16 steps per block, KV cache), AR (KV cache), at batch 1 and 64, in fp32 (what `ddlm sample`
 runs) and under bf16 autocast; tokens/s = batch x length / seconds.
 
-Rows run in priority order (matmul; eager training; samplers; compiled training) and a row is
-skipped, and listed as skipped, when the time left (--budget-s) is short: a compiled row needs
---compile-reserve-s seconds. A row that fails records its error and the run goes on.
+Rows run in priority order (matmul; eager training; samplers; compiled training; on CUDA, BD3
+trained through FlexAttention's sparse block mask, `--flex` block size, marked `16f`) and a row is
+skipped, and listed as skipped, when the time left (--budget-s) is short: a compiled or flex row
+needs --compile-reserve-s seconds. A row that fails records its error and the run goes on.
 """
 from __future__ import annotations
 
@@ -240,6 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps (compiled rows: at least 4)")
     p.add_argument("--dtype", default="", help="training dtype: bf16 | fp32 (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--flex", type=int, default=16,
+                   help="on CUDA, last: BD3 with this block size trained through FlexAttention (0: leave out)")
     p.add_argument("--backend", default="", help="torch.compile backend (default: inductor; eager with --tiny)")
     p.add_argument("--vocab", type=int, default=0, help="vocabulary size (0: the char tokenizer's)")
     p.add_argument("--sample-size", default="base", help="backbone of the sampler rows")
@@ -283,9 +286,11 @@ def main(argv=None) -> int:
              for b in map(int, args.sample_batches.split(",")) for m in methods]
     if not args.no_compile:
         jobs += [("train", m, s, True) for s in sizes for m in methods]
+    if dev.type == "cuda" and not args.tiny and args.flex:  # BD3's sparse mask: FlexAttention compiles itself
+        jobs += [("train", f"bd3:{args.flex}:flex", s, False) for s in sizes]
     for job in jobs:
         label = " ".join(str(x) for x in job)
-        need = args.compile_reserve_s if job[0] == "train" and job[3] else 0.0
+        need = args.compile_reserve_s if job[0] == "train" and (job[3] or job[1].endswith(":flex")) else 0.0
         if left() <= need:
             result["skipped"].append(label)
             print(f"skipped (time budget): {label}", flush=True)
@@ -329,7 +334,7 @@ SAMPLE_HEADER = (f"{'method':<6} {'sampler':<18} {'size':<6} {'dtype':<5} {'batc
 
 
 def _train_row(r: dict) -> str:
-    blk = str(r.get("block_size", "-"))
+    blk = str(r.get("block_size", "-")) + ("f" if r.get("attention") == "flex" else "")
     return (f"{r['method']:<6} {blk:>5} {r['size']:<6} {r['dtype']:<5} {'yes' if r['compile'] else 'no':<8} "
             f"{r['batch']:>5} {r['seq_len']:>5} {r['tokens_per_s']:>12,.0f} {100 * r['mfu']:>6.1f}% "
             f"{100 * r['mfu_6n']:>6.1f}% {1e3 * r['step_s']:>9.1f} {r['warmup_s']:>7.1f}")

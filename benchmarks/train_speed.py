@@ -83,13 +83,17 @@ MFU_DEFINITION = ("MFU = tokens/s * flops_per_token / matmul FLOP/s (same dtype,
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """'ar' -> ('ar', {}); 'bd3:16' -> ('bd3', {'block_size': 16}); 'bd3' is L' = 4 (bd3's default)."""
-    name, _, block = spec.partition(":")
+    """'ar' -> ('ar', {}); 'bd3:16' -> ('bd3', {'block_size': 16}); 'bd3' is L' = 4 (bd3's default);
+    'bd3:16:flex' trains with FlexAttention's sparse block mask (bd3.attention=flex, CUDA only)."""
+    name, _, rest = spec.partition(":")
+    block, _, attention = rest.partition(":")
     if name != "bd3":
-        if block:
+        if rest:
             raise SystemExit(f"--methods: only bd3 takes a block size ({spec!r})")
         return name, {}
-    return name, {"block_size": int(block or 4)}
+    if attention not in ("", "dense", "flex"):
+        raise SystemExit(f"--methods: bd3's attention is dense or flex ({spec!r})")
+    return name, {"block_size": int(block or 4), **({"attention": attention} if attention else {})}
 
 
 def block_weights(cfg) -> tuple[int, int, int]:
