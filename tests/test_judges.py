@@ -325,14 +325,24 @@ def test_mauve_is_one_on_itself_high_across_halves_and_low_against_shuffled_char
 @pytest.mark.slow
 def test_smollm2_mauve_separates_by_content(smollm2):
     """With SmolLM2's features MAUVE tells Austen from her shuffled characters even when every
-    shuffled text keeps the final space, so that both sets end alike (about 40 s on 2 cores)."""
+    shuffled text keeps the final space, so that both sets end alike (about 40 s on 2 cores).
+
+    One MAUVE of 50 against 50 texts is noisy: two halves of the same text score 0.83 to 0.97
+    over k-means seeds for one split (scikit-learn 1.9.1, faiss 1.15.1). So the halves' figure is
+    the mean over 5 random splits, each with its own k-means seed, and the shuffled text must stay
+    below 0.1 under every seed."""
+    import numpy as np
+
     from ddlm.eval.mauve import featurize, mauve_score
 
     snippets = austen_snippets()
-    first, second = snippets[0::2], snippets[1::2]
     rng = random.Random(2)
-    same_end = ["".join(rng.sample(t[:-1], len(t) - 1)) + " " for t in second]
-    f1, f2, s2 = featurize(smollm2, first), featurize(smollm2, second), featurize(smollm2, same_end)
-    halves, against_shuffled = mauve_score(f1, f2), mauve_score(f1, s2)
-    print(f"SmolLM2 MAUVE: halves {halves:.4f}, against shuffled (same last char) {against_shuffled:.4f}")
-    assert halves > 0.9 and against_shuffled < 0.1
+    same_end = ["".join(rng.sample(t[:-1], len(t) - 1)) + " " for t in snippets[1::2]]
+    features, shuffled = featurize(smollm2, snippets), featurize(smollm2, same_end)
+    half = len(snippets) // 2
+    splits = [np.random.default_rng(k).permutation(len(snippets)) for k in range(5)]
+    halves = [mauve_score(features[i[:half]], features[i[half:]], seed=k) for k, i in enumerate(splits)]
+    against_shuffled = [mauve_score(features[0::2], shuffled, seed=k) for k in range(5)]
+    print(f"SmolLM2 MAUVE: halves {np.mean(halves):.4f} (mean of {np.round(halves, 3)}), against "
+          f"shuffled (same last char) at most {max(against_shuffled):.4f}")
+    assert np.mean(halves) > 0.9 and max(against_shuffled) < 0.1
