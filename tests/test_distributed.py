@@ -245,6 +245,39 @@ def test_kill_9_of_one_rank_ends_the_job_and_the_rerun_resumes(corpus, tmp_path)
     assert_same_weights(out, tmp_path / "whole")
 
 
+LOST_PEER = """
+import signal, sys, torch
+from ddlm import distributed
+from ddlm.train.loop import Trainer
+
+def lost(self, values):  # the first step's collective: the other rank has died
+    raise RuntimeError("[gloo/transport/tcp/pair.cc:538] Connection closed by peer [127.0.0.1]:1234")
+
+restore = Trainer._restore_signal_handlers
+
+def restore_then_sigterm(saved):  # torchrun's SIGTERM lands just after the handlers are restored
+    restore(saved)
+    signal.raise_signal(signal.SIGTERM)
+
+distributed.Distributed.from_environment = classmethod(lambda cls, device, **kw: cls(0, 2, 0, device))
+distributed.Distributed.all_reduce_sum = lost
+distributed.Distributed.wrap = lambda self, method, model, parallel, **kw: distributed.LossModule(method, model)
+Trainer._restore_signal_handlers = staticmethod(restore_then_sigterm)
+from ddlm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_that_lost_its_peers_says_so_before_the_launchers_sigterm_ends_it(corpus, tmp_path):
+    """When one rank dies, the rank whose collective failed and torchrun (which SIGTERMs the others
+    as soon as it sees one die) race: the SIGTERM must not end the rank before its one line."""
+    args = cli_args(corpus, tmp_path / "run", 10)[2:]  # without "-m ddlm"
+    proc = subprocess.run([sys.executable, "-c", LOST_PEER, *args], env=env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stderr.strip().startswith("ddlm: error: rank 0 lost the other processes (Connection closed by peer")
+
+
 def test_two_nodes_by_rendezvous_equal_one_process(corpus, tmp_path):
     """Two torchrun launchers of one process each ("machines") meeting at a c10d rendezvous on
     localhost train as one job of two ranks."""

@@ -361,6 +361,13 @@ class Trainer:
                     checkpoint = self.save()
                 if stopping and not last:
                     break
+        except RuntimeError:
+            if self.dist.world_size > 1:
+                # A collective failed: torchrun also saw a rank die and is about to SIGTERM this one.
+                # Hold that signal (the default action once the handlers are restored below), so
+                # this rank lives to say why in one line; it exits right after (fit, the CLI).
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            raise
         finally:
             bar.close()
             self.sinks.close()
