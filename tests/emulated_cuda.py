@@ -3,7 +3,7 @@
 A tensor "on cuda" is a wrapper around a real CPU tensor whose `.device` says cuda:0, so the code
 runs end to end with real numbers while the wrapper enforces what a GPU enforces and a CPU does not:
 
-  * an op mixing a cuda tensor with a CPU tensor that Python code made (of one element or more)
+  * a Python-level torch call that mixes a cuda tensor with a CPU tensor (of one element or more)
     fails as CUDA fails ("Expected all tensors to be on the same device"); 0-dim CPU tensors are
     scalars and pass, as on CUDA; `copy_`, `.to()` and indexing with CPU indices pass, as on CUDA;
   * a random op on cuda drawing from a CPU generator fails, and the other way round;
@@ -14,16 +14,14 @@ runs end to end with real numbers while the wrapper enforces what a GPU enforces
 
 What it cannot see: CUDA's kernels (the numbers are the CPU's), NCCL, torch.compile's Triton code,
 memory, and C++ code that reads `tensor.device` (autograd runs on the CPU underneath; tensors that
-C++ decompositions make are on the real CPU, so only CPU tensors made from Python count as strays,
-and those made before the emulator was entered are not known: build everything inside it). It
-tests the code's device discipline, not a GPU.
+C++ decompositions make are on the real CPU, so a stray is a CPU tensor that Python code passed to
+the torch call, not one made inside it). It tests the code's device discipline, not a GPU.
 """
 from __future__ import annotations
 
 import contextlib
 import sys
 import time
-import weakref
 from collections import Counter
 from unittest import mock
 
@@ -43,9 +41,11 @@ MIXED_OK = {aten.copy_.default, aten._to_copy.default, aten.index.Tensor, aten.i
 SYNCING = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default,
            aten.nonzero.default, aten.masked_select.default, aten._unique2.default,
            aten.unique_consecutive.default, aten.unique_dim.default}
-# CPU tensors Python code made (so a real GPU would see them on the CPU too); C++ decompositions
-# make tensors with the wrapper's real device (the CPU) that on a GPU would be on the GPU
-PYTHON_CPU: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
+# The storages of the CPU tensors passed to each Python-level torch call in progress (a stack,
+# innermost last): a stray is one of these tensors or a view of one. Tensors that C++ decompositions
+# make inside a call have the wrapper's real device, the CPU, where a GPU would have made them on
+# the GPU: with storages of their own, they are not strays.
+VISIBLE_CPU: list[set[int]] = []
 HOST_METHODS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"}
 
 
@@ -144,7 +144,8 @@ def _dispatch(func, args, kwargs):
     if func in SYNCING:
         EmulatedCuda.count(str(func))
     if func not in MIXED_OK:
-        stray = [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0 and PYTHON_CPU.get(id(t)) is t]
+        visible = VISIBLE_CPU[-1] if VISIBLE_CPU else set()
+        stray = [t for t in tensors if not isinstance(t, OnCuda) and t.dim() > 0 and _storage(t) in visible]
         if stray:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two "
                                f"devices, cuda:0 and cpu! ({func}: a cpu tensor of shape "
@@ -174,7 +175,7 @@ class _Moves(TorchFunctionMode):
             return on_cuda(self_) if not isinstance(self_, OnCuda) else self_
         if name == "cpu" and isinstance(self_, OnCuda):
             EmulatedCuda.count("cpu()")
-            return _python_cpu(self_.elem.detach().clone().requires_grad_(self_.requires_grad))
+            return self_.elem.detach().clone().requires_grad_(self_.requires_grad)
         if name == "pin_memory" and isinstance(self_, torch.Tensor):
             return self_
         if name in HOST_METHODS and isinstance(self_, OnCuda):
@@ -186,8 +187,14 @@ class _Moves(TorchFunctionMode):
             kwargs.pop("pin_memory", None)
             out = func(*args, **kwargs)
             return tree_map(lambda x: OnCuda(x) if isinstance(x, torch.Tensor) else x, out)
-        _check_generator(func, args, kwargs, any(isinstance(t, OnCuda) for t in tree_flatten(args)[0]))
-        return _python_cpu(func(*args, **kwargs))
+        flat = tree_flatten((args, kwargs))[0]
+        _check_generator(func, args, kwargs, any(isinstance(t, OnCuda) for t in flat))
+        VISIBLE_CPU.append({_storage(t) for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, OnCuda)
+                            and t.numel() > 0})
+        try:
+            return func(*args, **kwargs)
+        finally:
+            VISIBLE_CPU.pop()
 
     @staticmethod
     def _to(t: torch.Tensor, *args, **kwargs):
@@ -202,8 +209,12 @@ class _Moves(TorchFunctionMode):
             return t if isinstance(t, OnCuda) and base is t.elem else on_cuda(base)
         if isinstance(t, OnCuda):
             EmulatedCuda.count("to(cpu)")
-            return _python_cpu(base.detach().clone().requires_grad_(t.requires_grad))
-        return _python_cpu(base)
+            return base.detach().clone().requires_grad_(t.requires_grad)
+        return base
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr() if t.numel() else 0
 
 
 def _caller() -> str:
@@ -214,13 +225,6 @@ def _caller() -> str:
             return f"ddlm/{name.rsplit('/ddlm/', 1)[1]}:{frame.f_lineno}"
         frame = frame.f_back
     return "elsewhere"
-
-
-def _python_cpu(out):
-    for t in tree_flatten(out)[0]:
-        if isinstance(t, torch.Tensor) and not isinstance(t, OnCuda):
-            PYTHON_CPU[id(t)] = t
-    return out
 
 
 class EmulatedCuda:

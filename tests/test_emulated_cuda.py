@@ -47,8 +47,15 @@ def cuda(monkeypatch):
 
 # ------------------------------------------------------------------------ (a) the emulator itself
 
+BEFORE = torch.ones(3, 4)  # made before any emulator: a CPU tensor all the same
+
+
 def test_the_emulator_fails_where_cuda_fails(cuda):
     x = torch.randn(3, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        x * BEFORE
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.nn.functional.linear(x, BEFORE)
     assert isinstance(x, OnCuda) and x.device.type == "cuda" and x.is_cuda
     with pytest.raises(RuntimeError, match="same device"):
         x + torch.ones(3, 4)
