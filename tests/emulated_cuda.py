@@ -186,7 +186,7 @@ class _Moves(TorchFunctionMode):
             kwargs = {**kwargs, "device": CPU}
             kwargs.pop("pin_memory", None)
             out = func(*args, **kwargs)
-            return tree_map(lambda x: OnCuda(x) if isinstance(x, torch.Tensor) else x, out)
+            return tree_map(lambda x: on_cuda(x) if isinstance(x, torch.Tensor) else x, out)
         flat = tree_flatten((args, kwargs))[0]
         _check_generator(func, args, kwargs, any(isinstance(t, OnCuda) for t in flat))
         VISIBLE_CPU.append({_storage(t) for t in flat if isinstance(t, torch.Tensor) and not isinstance(t, OnCuda)
@@ -201,12 +201,14 @@ class _Moves(TorchFunctionMode):
         device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
         if isinstance(args[0] if args else None, torch.Tensor):
             device = args[0].device
+        target_cuda = _cuda(device) if device is not None else isinstance(t, OnCuda)
+        if target_cuda and isinstance(t, OnCuda):  # a cast on the device: through the dispatcher, for autograd
+            return t if dtype is None or dtype == t.dtype else torch.Tensor.to(t, dtype)
         base = t.elem if isinstance(t, OnCuda) else t
         if dtype is not None:
             base = base.to(dtype)
-        target_cuda = _cuda(device) if device is not None else isinstance(t, OnCuda)
         if target_cuda:
-            return t if isinstance(t, OnCuda) and base is t.elem else on_cuda(base)
+            return on_cuda(base)
         if isinstance(t, OnCuda):
             EmulatedCuda.count("to(cpu)")
             return base.detach().clone().requires_grad_(t.requires_grad)

@@ -86,6 +86,9 @@ def test_the_emulator_moves_modules_counts_host_reads_and_autocasts(cuda):
     before = cuda.n_host_reads
     y.sum().item(), y.tolist(), y.cpu()
     assert cuda.n_host_reads == before + 3
+    w = torch.randn(3, device="cuda", requires_grad=True)  # gradients flow through casts on the device
+    (w * 2).to(torch.bfloat16).to("cuda", torch.float32).sum().backward()
+    assert torch.equal(w.grad.cpu(), torch.full((3,), 2.0))
 
 
 def test_the_emulator_catches_a_table_left_on_the_cpu(cuda, tmp_path, monkeypatch):
