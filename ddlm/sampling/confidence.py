@@ -63,15 +63,16 @@ class ConfidenceSampler(MaskedSampler):
 
     def fill(self, model, z, generator):
         mask_id = self.method.mask_id
-        width = (z == mask_id).sum(1)
+        masked = z == mask_id
+        width = masked.sum(1)
         nfe = 0
-        while (z == mask_id).any():
-            masked = z == mask_id
+        while masked.any():
             logp = self.denoiser(model, z, self.time_of_rows(masked, width))
             nfe += 1
             x0 = self.draw_x0(model, z, None, logp, generator)  # (B, L)
             drawn = logp.gather(-1, x0[..., None]).squeeze(-1).exp()  # (B, L) p(x0_l)
             confidence = torch.where(masked, drawn, torch.full_like(drawn, -1.0))
             z = torch.where(self.choose(masked, confidence, nfe >= self.steps), x0, z)
+            masked = z == mask_id
             note_step(self, z, nfe)
         return z, nfe

@@ -126,19 +126,20 @@ class RemaskingSampler(AncestralSampler):
         logp, nfe = None, 0
         for t, s in zip(times[:-1], times[1:]):
             masked = z == mask_id
-            if not masked.any() and self.silent:
+            any_masked = bool(masked.any())  # one host read a step
+            if not any_masked and self.silent:
                 break
             m_t = self.level(torch.full(rows, t, dtype=torch.float64, device=z.device))
             m_s = self.level(torch.full(rows, s, dtype=torch.float64, device=z.device))
             x0 = None
-            if masked.any():
+            if any_masked:
                 if logp is None or not cache_ok:
                     logp, nfe = self.denoiser(model, z, self.network_time(t, m_t)), nfe + 1
                 x0 = self.draw_x0(model, z, t, logp, generator)
             decoded = generated & ~masked
             sig = self.sigma(m_t, m_s, t, s, psi, decoded)
             z_next, unmasked, remasked = self.remask_step(z, x0, m_t, m_s, sig, decoded, generator)
-            if unmasked.any():
+            if x0 is not None:  # (no host read: where() keeps psi wherever nothing unmasked)
                 psi = torch.where(unmasked, logp.gather(-1, x0[..., None]).squeeze(-1).exp(), psi)
             if not torch.equal(z_next, z):
                 logp = None
